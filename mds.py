@@ -29,11 +29,14 @@ tpm2-pytss (keys held in a TPM).
 import argparse
 import base64
 import copy
+import datetime
 import email.utils
 import hashlib
+import hmac
 import http.server
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -241,13 +244,14 @@ class Request:
 class Response:
     """Status, body and headers a flavor hands back to the HTTP layer."""
 
-    __slots__ = ("status", "body", "content_type", "headers")
+    __slots__ = ("status", "body", "content_type", "headers", "bare")
 
-    def __init__(self, status, body=b"", content_type=None, headers=()):
+    def __init__(self, status, body=b"", content_type=None, headers=(), bare=False):
         self.status = status
         self.body = body.encode() if isinstance(body, str) else body
         self.content_type = content_type
         self.headers = list(headers)
+        self.bare = bare            # True: leave out the flavor's common headers
 
 
 _REASONS = {s.value: s.phrase for s in http.HTTPStatus}
@@ -296,8 +300,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if response.content_type:
             lines.append("Content-Type: " + response.content_type)
         lines.append("Content-Length: %d" % len(body))
-        for name, value in flavor.common_headers:
-            lines.append("%s: %s" % (name, value))
+        if not response.bare:
+            for name, value in flavor.common_headers:
+                lines.append("%s: %s" % (name, value))
         for name, value in response.headers:
             lines.append("%s: %s" % (name, value))
         if self.close_connection:
@@ -306,6 +311,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(head if self.command == "HEAD" else head + body)
         log.debug("%s %s %s -> %d", self.client_address[0], self.command, self.path,
                   response.status)
+
+    def send_error(self, code, message=None, explain=None):
+        # Malformed requests are answered by the stdlib parser; keep our headers on them too.
+        self.close_connection = True
+        reason = message or _REASONS.get(code, "error")
+        self._write(Response(code, reason + "\n", "text/plain; charset=utf-8"), self.server.mds)
+
+    def version_string(self):
+        return self.server.mds.flavor.server_header
 
     def log_message(self, format, *args):
         log.debug("%s " + format, self.client_address[0], *args)
@@ -476,7 +490,27 @@ class GceFlavor:
     # -- the document -----------------------------------------------------------------------
 
     def default_document(self):
-        return default_gce_document()
+        document = default_gce_document()
+        v1 = document["computeMetadata"]["v1"]
+        number = v1["project"]["numericProjectId"]
+        if self.variant == "serverless":
+            # Cloud Run: a hex instance id, a region, a synthetic zone, and little else (spec 12).
+            v1["instance"] = {
+                "id": hashlib.sha512(b"mds-cloud-run-instance").hexdigest(),
+                "region": "projects/%d/regions/us-central1" % number,
+                "serviceAccounts": v1["instance"]["serviceAccounts"],
+                "zone": "projects/%d/zones/us-central1-1" % number,
+            }
+            v1.pop("oslogin", None)
+        elif self.variant == "gke":
+            # The GKE metadata server exposes a subset, with the cluster in the attributes (13).
+            instance = v1["instance"]
+            v1["instance"] = {key: instance[key] for key in
+                              ("hostname", "id", "serviceAccounts", "zone")}
+            v1["instance"]["attributes"] = {"cluster-location": "us-central1",
+                                            "cluster-name": "mds-cluster",
+                                            "cluster-uid": "4b5f1c3e9d2a4e7f8c6b1a0d3e5f7a9b"}
+        return document
 
     def compile(self, document):
         """Build the served tree; raises ConfigError naming what is wrong with the document."""
@@ -788,11 +822,12 @@ class GceFlavor:
         if self.variant == "gke":
             return Response(403, 'GKE Metadata Server encountered an error: Missing required '
                             'header "Metadata-Flavor": "Google"\n', "text/plain; charset=utf-8",
-                            [("X-Content-Type-Options", "nosniff")])
+                            [("X-Content-Type-Options", "nosniff")], bare=True)
         message = ("Your client does not have permission to get URL <code>%s</code> from this "
                    "server. %s" % (html_escape(request.path), reason))
+        # Cloud Run's 403 carries no Metadata-Flavor header (spec 12); the VM's does (5.2).
         return Response(403, http_error_page(403, "Forbidden", message),
-                        "text/html; charset=UTF-8")
+                        "text/html; charset=UTF-8", bare=self.variant == "serverless")
 
     def not_found(self, path):
         if self.variant == "gke":
@@ -1058,7 +1093,826 @@ class SigningKey:
 
 # ---- crypto: DER, RSA, JWT, X.509, PKCS#7, SigV4 ---------------------------------------------
 
-from crypto_draft import *  # noqa  -- TEMPORARY until the crypto section is spliced in
+# Just enough DER to read RSA private keys and write SubjectPublicKeyInfo, X.509 v3
+# self-signed certificates and CMS SignedData, plus RS256 (RSASSA-PKCS1-v1_5, SHA-256)
+# signing with CRT and a fault check.  Hand-written so mds.py needs nothing installed.
+
+class KeyFormatError(ValueError):
+    """A key (or PEM/DER blob) we cannot use, with a message telling a human what to do.
+
+    Messages name the kind of input found, never any of its content.
+    """
+
+
+# ---- DER reader / writer ----
+
+TAG_INTEGER = 0x02
+TAG_BIT_STRING = 0x03
+TAG_OCTET_STRING = 0x04
+TAG_NULL = 0x05
+TAG_OID = 0x06
+TAG_UTF8_STRING = 0x0C
+TAG_PRINTABLE_STRING = 0x13
+TAG_UTC_TIME = 0x17
+TAG_GENERALIZED_TIME = 0x18
+TAG_SEQUENCE = 0x30
+TAG_SET = 0x31
+
+OID_RSA_ENCRYPTION = "1.2.840.113549.1.1.1"
+OID_RSASSA_PSS = "1.2.840.113549.1.1.10"
+OID_SHA256_WITH_RSA = "1.2.840.113549.1.1.11"
+OID_SHA256 = "2.16.840.1.101.3.4.2.1"
+OID_PKCS7_DATA = "1.2.840.113549.1.7.1"
+OID_PKCS7_SIGNED_DATA = "1.2.840.113549.1.7.2"
+OID_CONTENT_TYPE = "1.2.840.113549.1.9.3"
+OID_MESSAGE_DIGEST = "1.2.840.113549.1.9.4"
+OID_SIGNING_TIME = "1.2.840.113549.1.9.5"
+OID_COMMON_NAME = "2.5.4.3"
+OID_SUBJECT_KEY_IDENTIFIER = "2.5.29.14"
+OID_KEY_USAGE = "2.5.29.15"
+OID_BASIC_CONSTRAINTS = "2.5.29.19"
+
+# Key algorithms we recognise only to name them in error messages.
+_FOREIGN_KEY_ALGORITHMS = (
+    ("1.2.840.10045.2.1", "EC"),
+    ("1.3.101.112", "Ed25519"),
+    ("1.3.101.113", "Ed448"),
+    ("1.3.101.110", "X25519"),
+    ("1.3.101.111", "X448"),
+    ("1.2.840.10040.4.1", "DSA"),
+    ("1.2.840.113549.1.3.1", "DH"),
+    ("1.2.840.10046.2.1", "DH (X9.42)"),
+    ("1.2.156.10197.1.301", "SM2"),
+)
+
+
+def der_read(data, offset=0):
+    """Read one TLV at `offset`; return (tag, value_bytes, next_offset).
+
+    Only low-tag-number forms and definite lengths exist in DER, so anything else is rejected.
+    """
+    data = bytes(data) if not isinstance(data, bytes) else data
+    if offset + 2 > len(data):
+        raise ValueError("DER: truncated element")
+    tag = data[offset]
+    if tag & 0x1F == 0x1F:
+        raise ValueError("DER: high tag numbers are not supported")
+    first = data[offset + 1]
+    pos = offset + 2
+    if first < 0x80:
+        length = first
+    elif first == 0x80:
+        raise ValueError("DER: indefinite length is not DER")
+    else:
+        count = first & 0x7F
+        if count > 4 or pos + count > len(data):
+            raise ValueError("DER: bad length")
+        length = int.from_bytes(data[pos:pos + count], "big")
+        pos += count
+    end = pos + length
+    if end > len(data):
+        raise ValueError("DER: element runs past the end of its container")
+    return tag, data[pos:end], end
+
+
+def der_items(data):
+    """Split concatenated TLVs (e.g. a SEQUENCE's value) into a list of (tag, value)."""
+    items = []
+    offset = 0
+    while offset < len(data):
+        tag, value, offset = der_read(data, offset)
+        items.append((tag, value))
+    return items
+
+
+def der_items_raw(data):
+    """Like der_items, but (tag, value, raw_tlv_bytes): callers that re-emit an element
+    verbatim (issuer Name, serial) need its exact encoding."""
+    items = []
+    offset = 0
+    while offset < len(data):
+        start = offset
+        tag, value, offset = der_read(data, offset)
+        items.append((tag, value, data[start:offset]))
+    return items
+
+
+def der_unwrap(data, expected_tag):
+    """Return the value of the single TLV `data`, which must carry `expected_tag` and
+    nothing after it."""
+    tag, value, end = der_read(data, 0)
+    if tag != expected_tag:
+        raise ValueError("DER: expected tag 0x%02x, found 0x%02x" % (expected_tag, tag))
+    if end != len(data):
+        raise ValueError("DER: trailing data after element")
+    return value
+
+
+def der_decode_integer(value):
+    """Two's-complement big-endian INTEGER value -> int."""
+    if not value:
+        raise ValueError("DER: empty INTEGER")
+    return int.from_bytes(value, "big", signed=True)
+
+
+def der_decode_bit_string(value):
+    """BIT STRING value -> bytes; only whole-byte strings occur in the structures we read."""
+    if not value or value[0] != 0:
+        raise ValueError("DER: BIT STRING with unused bits")
+    return value[1:]
+
+
+def oid_decode(value):
+    """OBJECT IDENTIFIER value bytes -> dotted string."""
+    if not value or value[-1] & 0x80:
+        raise ValueError("DER: malformed OID")
+    arcs = []
+    current = 0
+    for byte in value:
+        current = (current << 7) | (byte & 0x7F)
+        if not byte & 0x80:
+            arcs.append(current)
+            current = 0
+    first = arcs[0]
+    if first < 40:
+        head = [0, first]
+    elif first < 80:
+        head = [1, first - 40]
+    else:
+        head = [2, first - 80]
+    return ".".join(str(arc) for arc in head + arcs[1:])
+
+
+def oid_encode(dotted):
+    """Dotted string -> OBJECT IDENTIFIER value bytes (without tag and length)."""
+    arcs = [int(part) for part in dotted.split(".")]
+    if len(arcs) < 2 or arcs[0] > 2 or (arcs[0] < 2 and arcs[1] >= 40):
+        raise ValueError("invalid OID %r" % dotted)
+    out = bytearray()
+    for arc in [arcs[0] * 40 + arcs[1]] + arcs[2:]:
+        chunk = [arc & 0x7F]
+        arc >>= 7
+        while arc:
+            chunk.append(0x80 | (arc & 0x7F))
+            arc >>= 7
+        out.extend(reversed(chunk))
+    return bytes(out)
+
+
+def der_tlv(tag, value):
+    """Encode one TLV with a minimal definite length."""
+    length = len(value)
+    if length < 0x80:
+        header = bytes([tag, length])
+    else:
+        length_bytes = length.to_bytes((length.bit_length() + 7) // 8, "big")
+        header = bytes([tag, 0x80 | len(length_bytes)]) + length_bytes
+    return header + value
+
+
+def der_integer(number):
+    """INTEGER in minimal two's complement."""
+    magnitude = number if number >= 0 else ~number
+    length = magnitude.bit_length() // 8 + 1  # +1 keeps room for the sign bit
+    return der_tlv(TAG_INTEGER, number.to_bytes(length, "big", signed=True))
+
+
+def der_sequence(*encoded_items):
+    return der_tlv(TAG_SEQUENCE, b"".join(encoded_items))
+
+
+def der_set(*encoded_items):
+    # DER orders the members of a SET OF by their encodings; signatures over signed
+    # attributes depend on it.
+    return der_tlv(TAG_SET, b"".join(sorted(encoded_items)))
+
+
+def der_octet_string(value):
+    return der_tlv(TAG_OCTET_STRING, bytes(value))
+
+
+def der_bit_string(value):
+    return der_tlv(TAG_BIT_STRING, b"\x00" + bytes(value))
+
+
+def der_null():
+    return b"\x05\x00"
+
+
+def der_oid(dotted):
+    return der_tlv(TAG_OID, oid_encode(dotted))
+
+
+def der_boolean(flag):
+    return b"\x01\x01\xff" if flag else b"\x01\x01\x00"
+
+
+def der_utf8_string(text):
+    return der_tlv(TAG_UTF8_STRING, text.encode("utf-8"))
+
+
+def der_context(number, value, constructed=True):
+    """Context-specific tag [number]: EXPLICIT when `value` is a full TLV and constructed,
+    IMPLICIT when the caller passes the bare contents of the underlying type."""
+    return der_tlv((0xA0 if constructed else 0x80) | number, value)
+
+
+def _as_utc(moment):
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.astimezone(datetime.timezone.utc).replace(microsecond=0)
+
+
+def der_time(moment):
+    """RFC 5280 Time: UTCTime for 1950-2049, GeneralizedTime otherwise (naive = UTC)."""
+    moment = _as_utc(moment)
+    if 1950 <= moment.year < 2050:
+        return der_tlv(TAG_UTC_TIME, moment.strftime("%y%m%d%H%M%SZ").encode("ascii"))
+    return der_tlv(TAG_GENERALIZED_TIME,
+                   ("%04d" % moment.year + moment.strftime("%m%d%H%M%SZ")).encode("ascii"))
+
+
+def der_algorithm(oid, null_parameters=True):
+    """AlgorithmIdentifier; RSA algorithms carry an explicit NULL, SHA-2 digests omit it
+    (RFC 4055 / RFC 5754)."""
+    if null_parameters:
+        return der_sequence(der_oid(oid), der_null())
+    return der_sequence(der_oid(oid))
+
+
+def der_name_common_name(common_name):
+    """X.501 Name with a single CN attribute."""
+    return der_sequence(der_set(der_sequence(der_oid(OID_COMMON_NAME),
+                                             der_utf8_string(common_name))))
+
+
+# ---- PEM and base64url ----
+
+_PEM_BLOCK = re.compile(
+    r"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----", re.DOTALL)
+
+
+def pem_encode(label, der):
+    """DER -> PEM text with 64-character lines and a trailing newline."""
+    body = base64.b64encode(der).decode("ascii")
+    lines = [body[i:i + 64] for i in range(0, len(body), 64)]
+    return "-----BEGIN %s-----\n%s\n-----END %s-----\n" % (label, "\n".join(lines), label)
+
+
+def _pem_text(text):
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("utf-8", "replace")
+    # Keys pasted from JSON or env vars often carry literal "\n" escapes instead of newlines.
+    if "-----BEGIN" in text and "\n" not in text.strip() and "\\n" in text:
+        text = text.replace("\\n", "\n")
+    return text
+
+
+def _pem_blocks(text):
+    """Yield (label, headers_dict, der) for each PEM block in `text`."""
+    for match in _PEM_BLOCK.finditer(_pem_text(text)):
+        label, inner = match.group(1), match.group(2)
+        headers = {}
+        body_lines = []
+        for line in inner.splitlines():
+            line = line.strip()
+            if not body_lines and ":" in line:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+            elif line:
+                body_lines.append(line)
+        yield label, headers, "".join(body_lines)
+
+
+def _pem_body_to_der(label, body):
+    try:
+        return base64.b64decode(body, validate=True)
+    except ValueError:
+        raise KeyFormatError("the PEM %s block is not valid base64" % label)
+
+
+def pem_decode(text, labels):
+    """Return (label, der) of the first PEM block whose label is in `labels` (a string or an
+    iterable of strings). Encrypted blocks and missing blocks raise KeyFormatError."""
+    if isinstance(labels, str):
+        labels = (labels,)
+    found = []
+    for label, headers, body in _pem_blocks(text):
+        found.append(label)
+        if label not in labels:
+            continue
+        if "ENCRYPTED" in headers.get("proc-type", "").upper():
+            raise KeyFormatError(
+                "encrypted PEM (Proc-Type: 4,ENCRYPTED) is not supported: decrypt it first "
+                "with `openssl pkey -in key.pem -out plain.pem`")
+        return label, _pem_body_to_der(label, body)
+    if not found:
+        raise KeyFormatError("no PEM block found (expected -----BEGIN %s-----)" % labels[0])
+    raise KeyFormatError("no PEM block labelled %s found (found: %s)"
+                         % (" or ".join(labels), ", ".join(found)))
+
+
+def b64url_encode(data):
+    """base64url without padding (JWS / JWK style)."""
+    return base64.urlsafe_b64encode(bytes(data)).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text):
+    """base64url, padding optional."""
+    if isinstance(text, str):
+        text = text.encode("ascii")
+    text = text.strip()
+    return base64.urlsafe_b64decode(text + b"=" * (-len(text) % 4))
+
+
+# ---- RSA ----
+
+# DigestInfo prefix for SHA-256 (RFC 8017 section 9.2 note 1).
+_SHA256_DIGEST_INFO_PREFIX = bytes.fromhex("3031300d060960864801650304020105000420")
+
+
+def _small_primes(limit):
+    sieve = bytearray([1]) * limit
+    sieve[0:2] = b"\x00\x00"
+    for i in range(2, int(limit ** 0.5) + 1):
+        if sieve[i]:
+            sieve[i * i::i] = bytearray(len(sieve[i * i::i]))
+    return tuple(i for i, flag in enumerate(sieve) if flag)
+
+
+_SMALL_PRIMES = _small_primes(2000)
+# One gcd against the product replaces ~300 trial divisions per candidate.
+_SMALL_PRIMES_PRODUCT = math.prod(_SMALL_PRIMES)
+
+
+def _miller_rabin_rounds(bits):
+    # For random candidates FIPS 186 asks for fewer rounds than these; extra rounds only cost
+    # time on the one candidate that is prime (composites fail the first round).
+    if bits >= 1024:
+        return 12
+    if bits >= 512:
+        return 16
+    return 40
+
+
+def _is_probable_prime(candidate, rounds):
+    if candidate < 2:
+        return False
+    for prime in _SMALL_PRIMES:
+        if candidate % prime == 0:
+            return candidate == prime
+    odd_part = candidate - 1
+    twos = 0
+    while not odd_part & 1:
+        odd_part >>= 1
+        twos += 1
+    for _ in range(rounds):
+        base = 2 + secrets.randbelow(candidate - 3)
+        x = pow(base, odd_part, candidate)
+        if x == 1 or x == candidate - 1:
+            continue
+        for _ in range(twos - 1):
+            x = x * x % candidate
+            if x == candidate - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def _random_prime(bits, public_exponent):
+    """Random prime with its top two bits set (so two of them multiply to exactly 2*bits or
+    2*bits-1 bits as planned by the caller) and p-1 coprime to e."""
+    top_bits = 3 << (bits - 2)
+    rounds = _miller_rabin_rounds(bits)
+    while True:
+        candidate = secrets.randbits(bits) | top_bits | 1
+        if math.gcd(candidate, _SMALL_PRIMES_PRODUCT) != 1:
+            continue
+        if math.gcd(candidate - 1, public_exponent) != 1:
+            continue
+        if _is_probable_prime(candidate, rounds):
+            return candidate
+
+
+def _int_to_bytes(number, length=None):
+    if length is None:
+        length = max(1, (number.bit_length() + 7) // 8)
+    return number.to_bytes(length, "big")
+
+
+def _emsa_pkcs1_v15_sha256(message, length):
+    """EMSA-PKCS1-v1_5 encoding (RFC 8017 9.2) of SHA-256(message) into `length` bytes."""
+    digest_info = _SHA256_DIGEST_INFO_PREFIX + hashlib.sha256(message).digest()
+    padding = length - len(digest_info) - 3
+    if padding < 8:
+        raise ValueError("RSA modulus too short for a SHA-256 PKCS#1 v1.5 signature")
+    return b"\x00\x01" + b"\xff" * padding + b"\x00" + digest_info
+
+
+def rsa_public_key_der(n, e):
+    """PKCS#1 RSAPublicKey DER."""
+    return der_sequence(der_integer(n), der_integer(e))
+
+
+def rsa_subject_public_key_info(n, e):
+    """SubjectPublicKeyInfo DER (what `openssl pkey -pubout -outform DER` prints)."""
+    return der_sequence(der_algorithm(OID_RSA_ENCRYPTION), der_bit_string(rsa_public_key_der(n, e)))
+
+
+def rsa_verify(n, e, message, signature):
+    """True when `signature` is a valid RSASSA-PKCS1-v1_5 SHA-256 signature of `message`."""
+    length = (n.bit_length() + 7) // 8
+    if len(signature) != length:
+        return False
+    number = int.from_bytes(signature, "big")
+    if number >= n:
+        return False
+    try:
+        expected = _emsa_pkcs1_v15_sha256(message, length)
+    except ValueError:
+        return False
+    return hmac.compare_digest(_int_to_bytes(pow(number, e, n), length), expected)
+
+
+def _parse_rsa_private_key(der):
+    """PKCS#1 RSAPrivateKey DER -> dict of the eight numbers."""
+    try:
+        fields = der_items(der_unwrap(der, TAG_SEQUENCE))
+    except ValueError as exc:
+        raise KeyFormatError("malformed RSA private key (%s)" % exc)
+    if len(fields) < 9 or any(tag != TAG_INTEGER for tag, _ in fields[:9]):
+        raise KeyFormatError("malformed RSA private key (expected nine INTEGERs)")
+    numbers = [der_decode_integer(value) for _, value in fields[:9]]
+    if numbers[0] != 0 or len(fields) > 9:
+        raise KeyFormatError("multi-prime RSA keys are not supported")
+    if any(number <= 0 for number in numbers[1:]):
+        raise KeyFormatError("malformed RSA private key (non-positive component)")
+    names = ("n", "e", "d", "p", "q", "dp", "dq", "qinv")
+    return dict(zip(names, numbers[1:]))
+
+
+def _foreign_key_message(name):
+    return "not an RSA key (found %s): an RSA private key is needed for RS256" % name
+
+
+def _unwrap_private_key_der(der):
+    """PKCS#8 PrivateKeyInfo or PKCS#1 RSAPrivateKey DER -> PKCS#1 RSAPrivateKey DER,
+    diagnosing encrypted and non-RSA keys."""
+    try:
+        fields = der_items(der_unwrap(der, TAG_SEQUENCE))
+    except ValueError as exc:
+        raise KeyFormatError("not a DER private key (%s)" % exc)
+    if len(fields) >= 2 and fields[0][0] == TAG_SEQUENCE and fields[1][0] == TAG_OCTET_STRING:
+        raise KeyFormatError(
+            "encrypted private keys are not supported: decrypt it first with "
+            "`openssl pkcs8 -in key.pem -out plain.pem`")
+    if len(fields) >= 3 and fields[0][0] == TAG_INTEGER and fields[1][0] == TAG_SEQUENCE:
+        # PKCS#8 PrivateKeyInfo: version, AlgorithmIdentifier, OCTET STRING privateKey, ...
+        try:
+            algorithm = der_items(fields[1][1])
+            oid = oid_decode(algorithm[0][1]) if algorithm and algorithm[0][0] == TAG_OID else "?"
+        except ValueError:
+            oid = "?"
+        # RSASSA-PSS keys hold the same numbers; signing PKCS#1 v1.5 with them is what a
+        # caller asking for RS256 wants, so they are accepted.
+        if oid not in (OID_RSA_ENCRYPTION, OID_RSASSA_PSS):
+            name = dict(_FOREIGN_KEY_ALGORITHMS).get(oid, "key algorithm OID %s" % oid)
+            raise KeyFormatError(_foreign_key_message(name))
+        if fields[2][0] != TAG_OCTET_STRING:
+            raise KeyFormatError("malformed PKCS#8 private key")
+        return fields[2][1]
+    if (len(fields) >= 2 and fields[0][0] == TAG_INTEGER and fields[1][0] == TAG_OCTET_STRING):
+        # RFC 5915 ECPrivateKey: version 1, OCTET STRING privateKey, [0] curve, [1] public
+        raise KeyFormatError(_foreign_key_message("EC"))
+    if len(fields) == 6 and all(tag == TAG_INTEGER for tag, _ in fields):
+        raise KeyFormatError(_foreign_key_message("DSA"))
+    return der
+
+
+class RsaKey:
+    """An RSA private key that signs RS256 (RSASSA-PKCS1-v1_5 with SHA-256).
+
+    Implements the signer protocol (sign, public_numbers, key_id). `key_id` is a plain
+    attribute: it defaults to the first 40 hex digits of SHA-256 over the public key's
+    SubjectPublicKeyInfo and callers may overwrite it (e.g. with a Google key file's
+    private_key_id). Private numbers are never shown by repr() or fingerprint().
+    """
+
+    def __init__(self, n, e, d, p, q, dp=None, dq=None, qinv=None, key_id=None):
+        if p * q != n:
+            raise KeyFormatError("inconsistent RSA key: p * q != n")
+        if e < 3 or not e & 1 or e >= n:
+            raise KeyFormatError("inconsistent RSA key: bad public exponent")
+        if n.bit_length() < 512:
+            raise KeyFormatError("RSA modulus of %d bits is too short to sign with SHA-256"
+                                 % n.bit_length())
+        self._n, self._e, self._d, self._p, self._q = n, e, d, p, q
+        self._dp = d % (p - 1) if dp is None else dp
+        self._dq = d % (q - 1) if dq is None else dq
+        self._qinv = pow(q, -1, p) if qinv is None else qinv
+        self._length = (n.bit_length() + 7) // 8
+        self.key_id = key_id or self.fingerprint()[:40]
+
+    # -- loading / generation --
+
+    @classmethod
+    def from_der(cls, der):
+        """Load PKCS#8 PrivateKeyInfo or PKCS#1 RSAPrivateKey DER."""
+        numbers = _parse_rsa_private_key(_unwrap_private_key_der(bytes(der)))
+        key = cls(**numbers)
+        # One signature through CRT and back catches keys whose parts do not belong
+        # together before they produce a bad token at request time.
+        probe = b"mds key self-test"
+        if rsa_verify(key._n, key._e, probe, key._sign_crt(probe)):
+            return key
+        if rsa_verify(key._n, key._e, probe, key._sign_plain(probe)):
+            # d is right but the stored CRT values are not: derive them from d instead.
+            del numbers["dp"], numbers["dq"], numbers["qinv"]
+            return cls(**numbers)
+        raise KeyFormatError("inconsistent RSA key: its private and public parts do not match")
+
+    @classmethod
+    def from_pem(cls, text):
+        """Load the first private key in PEM text (str or bytes): PKCS#8 `PRIVATE KEY` or
+        PKCS#1 `RSA PRIVATE KEY`. Encrypted and non-RSA keys raise KeyFormatError."""
+        text = _pem_text(text)
+        labels = []
+        for label, headers, body in _pem_blocks(text):
+            labels.append(label)
+            if label == "ENCRYPTED PRIVATE KEY":
+                raise KeyFormatError(
+                    "encrypted private keys are not supported: decrypt it first with "
+                    "`openssl pkcs8 -in key.pem -out plain.pem`")
+            if "ENCRYPTED" in headers.get("proc-type", "").upper():
+                raise KeyFormatError(
+                    "encrypted private keys are not supported (PEM Proc-Type: 4,ENCRYPTED): "
+                    "decrypt it first with `openssl pkey -in key.pem -out plain.pem`")
+            if label in ("PRIVATE KEY", "RSA PRIVATE KEY"):
+                return cls.from_der(_pem_body_to_der(label, body))
+            if label == "EC PRIVATE KEY":
+                raise KeyFormatError(_foreign_key_message("EC"))
+            if label == "DSA PRIVATE KEY":
+                raise KeyFormatError(_foreign_key_message("DSA"))
+            if label == "OPENSSH PRIVATE KEY":
+                raise KeyFormatError(
+                    "OpenSSH-format private keys are not supported: convert a copy with "
+                    "`ssh-keygen -p -m PKCS8 -f key` (rewrites the file in place)")
+        if labels:
+            raise KeyFormatError("no private key in the PEM text (found: %s)" % ", ".join(labels))
+        if '"private_key"' in text:
+            raise KeyFormatError("no PEM block found: this looks like a JSON key file; "
+                                 "pass its private_key field")
+        raise KeyFormatError("no PEM block found (expected -----BEGIN PRIVATE KEY-----)")
+
+    @classmethod
+    def generate(cls, bits=2048, public_exponent=65537):
+        """New random key whose modulus has exactly `bits` bits (pure Python; about a
+        second for 2048 bits)."""
+        if bits < 1024:
+            raise ValueError("refusing to generate an RSA key shorter than 1024 bits")
+        p_bits = (bits + 1) // 2
+        q_bits = bits - p_bits
+        while True:
+            p = _random_prime(p_bits, public_exponent)
+            q = _random_prime(q_bits, public_exponent)
+            # FIPS 186-4 B.3.3: p and q must differ somewhere in their top 100 bits.
+            if abs(p - q) <= 1 << (bits // 2 - 100):
+                continue
+            n = p * q
+            if n.bit_length() != bits:
+                continue
+            lam = (p - 1) * (q - 1) // math.gcd(p - 1, q - 1)
+            d = pow(public_exponent, -1, lam)
+            if d.bit_length() <= bits // 2:
+                continue
+            return cls(n, public_exponent, d, p, q)
+
+    # -- signer protocol --
+
+    def public_numbers(self):
+        return self._n, self._e
+
+    @property
+    def bits(self):
+        return self._n.bit_length()
+
+    def _sign_plain(self, message):
+        encoded = int.from_bytes(_emsa_pkcs1_v15_sha256(message, self._length), "big")
+        return _int_to_bytes(pow(encoded, self._d, self._n), self._length)
+
+    def _sign_crt(self, message):
+        n = self._n
+        encoded = int.from_bytes(_emsa_pkcs1_v15_sha256(message, self._length), "big")
+        # Base blinding keeps the exponentiation timing independent of the message.
+        while True:
+            blind = secrets.randbelow(n - 2) + 2
+            if math.gcd(blind, n) == 1:
+                break
+        blinded = encoded * pow(blind, self._e, n) % n
+        s1 = pow(blinded, self._dp, self._p)
+        s2 = pow(blinded, self._dq, self._q)
+        h = self._qinv * (s1 - s2) % self._p
+        signature = (s2 + h * self._q) * pow(blind, -1, n) % n
+        return _int_to_bytes(signature, self._length)
+
+    def sign(self, message):
+        """RSASSA-PKCS1-v1_5 SHA-256 signature of `message`, modulus-length bytes.
+
+        Computed with CRT, then checked with the public key: a CRT fault would otherwise
+        publish a signature from which the key can be factored (Boneh-DeMillo-Lipton). On a
+        mismatch fall back to the plain exponent; if that fails too, raise.
+        """
+        message = bytes(message)
+        signature = self._sign_crt(message)
+        if rsa_verify(self._n, self._e, message, signature):
+            return signature
+        signature = self._sign_plain(message)
+        if rsa_verify(self._n, self._e, message, signature):
+            return signature
+        raise RuntimeError("RSA signature failed its self-check; the in-memory key is corrupt")
+
+    # -- export --
+
+    def _pkcs1_der(self):
+        return der_sequence(*(der_integer(value) for value in (
+            0, self._n, self._e, self._d, self._p, self._q, self._dp, self._dq, self._qinv)))
+
+    def to_der(self):
+        """PKCS#8 PrivateKeyInfo DER."""
+        return der_sequence(der_integer(0), der_algorithm(OID_RSA_ENCRYPTION),
+                            der_octet_string(self._pkcs1_der()))
+
+    def to_pem(self):
+        """PKCS#8 `PRIVATE KEY` PEM (private material: never log it)."""
+        return pem_encode("PRIVATE KEY", self.to_der())
+
+    def public_der(self):
+        """SubjectPublicKeyInfo DER."""
+        return rsa_subject_public_key_info(self._n, self._e)
+
+    def public_pem(self):
+        return pem_encode("PUBLIC KEY", self.public_der())
+
+    def fingerprint(self):
+        """Hex SHA-256 of the SubjectPublicKeyInfo DER; equals
+        `openssl pkey -pubout -outform DER | sha256sum`. Safe to log."""
+        return hashlib.sha256(self.public_der()).hexdigest()
+
+    def jwk(self):
+        return {
+            "kty": "RSA",
+            "alg": "RS256",
+            "use": "sig",
+            "kid": self.key_id,
+            "n": b64url_encode(_int_to_bytes(self._n)),
+            "e": b64url_encode(_int_to_bytes(self._e)),
+        }
+
+    def __repr__(self):
+        return "RsaKey(bits=%d, key_id=%r)" % (self.bits, self.key_id)
+
+
+# ---- JWT ----
+
+def _json_compact(value):
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+def jwt_encode(claims, signer, header=None):
+    """Compact RS256 JWS of `claims` signed by any signer. Header fields in `header` are
+    merged over the default {"alg": "RS256", "kid": signer.key_id, "typ": "JWT"}."""
+    full_header = {"alg": "RS256"}
+    key_id = getattr(signer, "key_id", None)
+    if key_id:
+        full_header["kid"] = key_id
+    full_header["typ"] = "JWT"
+    if header:
+        full_header.update(header)
+    signing_input = (b64url_encode(_json_compact(full_header)) + "."
+                     + b64url_encode(_json_compact(claims)))
+    signature = signer.sign(signing_input.encode("ascii"))
+    return signing_input + "." + b64url_encode(signature)
+
+
+def jwt_decode_unverified(token):
+    """(header, claims) of a compact JWS without checking its signature."""
+    if isinstance(token, bytes):
+        token = token.decode("ascii")
+    parts = token.strip().split(".")
+    if len(parts) != 3:
+        raise ValueError("not a JWT: expected three dot-separated segments")
+    try:
+        header = json.loads(b64url_decode(parts[0]))
+        claims = json.loads(b64url_decode(parts[1]))
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError("not a JWT: header or payload is not base64url JSON")
+    if not isinstance(header, dict) or not isinstance(claims, dict):
+        raise ValueError("not a JWT: header and payload must be JSON objects")
+    return header, claims
+
+
+# ---- X.509 ----
+
+def _add_years(moment, years):
+    try:
+        return moment.replace(year=moment.year + years)
+    except ValueError:  # 29 February
+        return moment.replace(year=moment.year + years, day=28)
+
+
+def x509_self_signed(signer, common_name, not_before=None, not_after=None, serial=None):
+    """DER X.509 v3 certificate for the signer's public key, self-signed with
+    sha256WithRSAEncryption; subject = issuer = CN=common_name. Naive datetimes are UTC."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    not_before = _as_utc(not_before) if not_before else _as_utc(now - datetime.timedelta(hours=1))
+    not_after = _as_utc(not_after) if not_after else _as_utc(_add_years(now, 10))
+    if serial is None:
+        # RFC 5280: positive, at most 20 octets; 159 random bits always fit.
+        serial = secrets.randbits(159) | 1
+    if serial <= 0:
+        raise ValueError("certificate serial must be positive")
+    n, e = signer.public_numbers()
+    public_key = rsa_public_key_der(n, e)
+    name = der_name_common_name(common_name)
+    extensions = der_sequence(
+        der_sequence(der_oid(OID_BASIC_CONSTRAINTS), der_boolean(True),
+                     der_octet_string(der_sequence())),  # cA defaults to FALSE
+        der_sequence(der_oid(OID_KEY_USAGE), der_boolean(True),
+                     der_octet_string(der_tlv(TAG_BIT_STRING, b"\x07\x80"))),  # digitalSignature
+        der_sequence(der_oid(OID_SUBJECT_KEY_IDENTIFIER),
+                     der_octet_string(der_octet_string(hashlib.sha1(public_key).digest()))),
+    )
+    signature_algorithm = der_algorithm(OID_SHA256_WITH_RSA)
+    tbs = der_sequence(
+        der_context(0, der_integer(2)),  # v3
+        der_integer(serial),
+        signature_algorithm,
+        name,
+        der_sequence(der_time(not_before), der_time(not_after)),
+        name,
+        rsa_subject_public_key_info(n, e),
+        der_context(3, extensions),
+    )
+    return der_sequence(tbs, signature_algorithm, der_bit_string(signer.sign(tbs)))
+
+
+def _certificate_issuer_and_serial(cert_der):
+    """Raw (issuer Name TLV, serial INTEGER TLV) of a DER certificate."""
+    try:
+        certificate = der_items(der_unwrap(cert_der, TAG_SEQUENCE))
+        tbs = der_items_raw(certificate[0][1])
+        index = 1 if tbs[0][0] == 0xA0 else 0  # optional [0] version
+        serial, issuer = tbs[index], tbs[index + 2]
+    except (ValueError, IndexError) as exc:
+        raise ValueError("malformed certificate DER (%s)" % exc)
+    if serial[0] != TAG_INTEGER or issuer[0] != TAG_SEQUENCE:
+        raise ValueError("malformed certificate DER")
+    return issuer[2], serial[2]
+
+
+# ---- PKCS#7 / CMS ----
+
+def pkcs7_signed_data(content, signer, cert_der, signing_time=None, include_certificate=True):
+    """DER CMS SignedData (RFC 5652) with the content attached, as in EC2's
+    instance-identity/rsa2048: SHA-256, rsaEncryption, signer identified by issuer and
+    serial of `cert_der`, signed attributes contentType, messageDigest and signingTime.
+
+    AWS documents verifying rsa2048 with `-certfile` (their cert), which works whether or not
+    the certificate is embedded; embedding it (the default) also lets `-noverify` users skip
+    the extra file.
+    """
+    content = bytes(content)
+    issuer, serial = _certificate_issuer_and_serial(bytes(cert_der))
+    signing_time = _as_utc(signing_time or datetime.datetime.now(datetime.timezone.utc))
+    attributes = [
+        der_sequence(der_oid(OID_CONTENT_TYPE), der_set(der_oid(OID_PKCS7_DATA))),
+        der_sequence(der_oid(OID_SIGNING_TIME), der_set(der_time(signing_time))),
+        der_sequence(der_oid(OID_MESSAGE_DIGEST),
+                     der_set(der_octet_string(hashlib.sha256(content).digest()))),
+    ]
+    # The signature covers the attributes encoded as a SET OF (tag 0x31); in the
+    # SignerInfo the same bytes appear under the IMPLICIT [0] tag.
+    signed_attributes = der_set(*attributes)
+    signature = signer.sign(signed_attributes)
+    digest_algorithm = der_algorithm(OID_SHA256, null_parameters=False)
+    signer_info = der_sequence(
+        der_integer(1),
+        der_sequence(issuer, serial),
+        digest_algorithm,
+        b"\xa0" + signed_attributes[1:],
+        der_algorithm(OID_RSA_ENCRYPTION),
+        der_octet_string(signature),
+    )
+    parts = [
+        der_integer(1),
+        der_set(digest_algorithm),
+        der_sequence(der_oid(OID_PKCS7_DATA), der_context(0, der_octet_string(content))),
+    ]
+    if include_certificate:
+        parts.append(der_context(0, bytes(cert_der)))  # [0] IMPLICIT CertificateSet
+    parts.append(der_set(signer_info))
+    return der_sequence(der_oid(OID_PKCS7_SIGNED_DATA), der_context(0, der_sequence(*parts)))
 
 
 # ---- the server ------------------------------------------------------------------------------
