@@ -1,0 +1,130 @@
+"""Drives the real Python GCE clients (google-auth, google-cloud-storage)
+against the metadata server named by GCE_METADATA_HOST / GCE_METADATA_IP and
+prints one JSON object with what they saw.
+
+Run in a child process (tests/clients.run_python): google-auth reads its
+environment variables at import and first use.
+
+Every outbound connection or name lookup that is not loopback is refused and
+recorded under "blocked": newer google-auth releases may start a background
+regional-access-boundary lookup to iamcredentials.googleapis.com, and a
+client that escapes the emulator must show up as a test failure, not as a
+network timeout.
+
+Usage: python py_gce_client.py <id-token-audience>
+"""
+
+import calendar
+import json
+import socket
+import sys
+import threading
+
+_LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1", "ip6-localhost"}
+_blocked = []
+_blocked_lock = threading.Lock()
+
+
+def _is_loopback(host):
+    if host is None:
+        return True
+    host = host.decode() if isinstance(host, bytes) else str(host)
+    return host in _LOOPBACK_NAMES or host.startswith("127.")
+
+
+def _refuse(what):
+    with _blocked_lock:
+        _blocked.append(what)
+    raise OSError("connection outside loopback refused by the test harness: %s" % what)
+
+
+def _install_loopback_guard():
+    """Refuse (and record) any name lookup or connection that leaves loopback."""
+    real_getaddrinfo = socket.getaddrinfo
+    real_connect = socket.socket.connect
+    real_connect_ex = socket.socket.connect_ex
+
+    def guarded_getaddrinfo(host, *args, **kwargs):
+        if not _is_loopback(host):
+            _refuse("getaddrinfo %s" % host)
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    def guarded_connect(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address[0]):
+            _refuse("connect %s" % (address[0],))
+        return real_connect(sock, address)
+
+    def guarded_connect_ex(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address[0]):
+            _refuse("connect %s" % (address[0],))
+        return real_connect_ex(sock, address)
+
+    socket.getaddrinfo = guarded_getaddrinfo
+    socket.socket.connect = guarded_connect
+    socket.socket.connect_ex = guarded_connect_ex
+
+
+def _capture(call):
+    try:
+        return {"value": call()}
+    except Exception as exc:  # report every failure; the test decides
+        return {"error": "%s: %s" % (type(exc).__name__, exc)}
+
+
+def _epoch(naive_utc):
+    return calendar.timegm(naive_utc.utctimetuple()) if naive_utc else None
+
+
+def main():
+    if len(sys.argv) != 2:
+        sys.exit("usage: py_gce_client.py <id-token-audience>")
+    audience = sys.argv[1]
+    _install_loopback_guard()
+
+    import google.auth
+    import google.auth.transport.requests
+    from google.auth import compute_engine
+    from google.auth.compute_engine import _metadata
+    from google.oauth2 import id_token
+
+    request = google.auth.transport.requests.Request()
+    out = {"google_auth_version": google.auth.__version__}
+
+    out["ping"] = _capture(lambda: _metadata.ping(request))
+
+    def adc():
+        credentials, project = google.auth.default()
+        return {"credentials_class": "%s.%s" % (type(credentials).__module__,
+                                                type(credentials).__name__),
+                "project_id": project}
+    out["adc"] = _capture(adc)
+
+    out["metadata_project_id"] = _capture(lambda: _metadata.get(request, "project/project-id"))
+
+    def compute_refresh():
+        credentials = compute_engine.Credentials()
+        credentials.refresh(request)
+        return {"token": credentials.token,
+                "expiry": _epoch(credentials.expiry),
+                "service_account_email": credentials.service_account_email,
+                "scopes": list(credentials.scopes or [])}
+    out["compute_token"] = _capture(compute_refresh)
+
+    out["id_token"] = _capture(lambda: id_token.fetch_id_token(request, audience))
+
+    def storage_client():
+        from google.cloud import storage
+        client = storage.Client()
+        credentials = client._credentials
+        return {"project": client.project,
+                "credentials_class": "%s.%s" % (type(credentials).__module__,
+                                                type(credentials).__name__)}
+    out["storage_client"] = _capture(storage_client)
+
+    with _blocked_lock:
+        out["blocked"] = list(_blocked)
+    sys.stdout.write(json.dumps(out) + "\n")
+
+
+if __name__ == "__main__":
+    main()

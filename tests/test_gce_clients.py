@@ -1,0 +1,398 @@
+"""Real GCE client libraries (Node, Go, Python) against a running mds server.
+
+Every expectation is read back from the server itself (its metadata tree and
+its token endpoint) so the tests check that the clients understood the
+server, not that the server matches a copy of its own defaults.
+"""
+
+import base64
+import json
+import os
+import queue
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+
+import mds
+from clients import run_go, run_node, run_python, start_go
+
+AUDIENCE = "https://mds-test.example/endpoint?x=1"
+ID_TOKEN_ISSUER = "https://accounts.google.com"
+CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+# Seconds allowed between the server computing expires_in and a client
+# turning it into an absolute expiry.
+CLOCK_SLACK_SECONDS = 30
+
+
+def custom_vm_document():
+    """A VM unlike the built-in default, so no client can pass on defaults alone.
+
+    The service-account e-mail is deliberately outside *.gserviceaccount.com and
+    the instance id above 2**63 (ids are unsigned 64-bit), beyond JS number precision.
+    """
+    document = mds.default_gce_document()
+    v1 = document["computeMetadata"]["v1"]
+    email = "robot@custom-project.mds-test.example"
+    account = {"aliases": ["default"], "email": email,
+               "scopes": ["https://www.googleapis.com/auth/devstorage.read_only"]}
+    v1["project"].update({"projectId": "custom-project-42", "numericProjectId": 98765432109})
+    v1["project"]["attributes"] = {"team": "infra"}
+    v1["instance"].update({
+        "id": 18446744073709551557,
+        "name": "custom-vm",
+        "hostname": "custom-vm.europe-west4-b.c.custom-project-42.internal",
+        "zone": "projects/98765432109/zones/europe-west4-b",
+        "tags": ["alpha", "beta", "gamma"],
+        "attributes": {"foo": "bar", "startup-script": "#!/bin/sh\necho hi\n"},
+        "serviceAccounts": {"default": dict(account), email: dict(account)},
+    })
+    v1["instance"]["networkInterfaces"][0].update({"ip": "10.10.0.7"})
+    v1["instance"]["networkInterfaces"][0]["accessConfigs"][0]["externalIp"] = "203.0.113.9"
+    return document
+
+
+# Every client test runs against the default VM and against a custom one.
+VM_CONFIGS = pytest.mark.parametrize(
+    "gce_server", [None, custom_vm_document()], ids=["default-vm", "custom-vm"], indirect=True)
+
+
+def fetch(server, path, query=None, headers=None):
+    """GET `path` from the server directly; returns (status, headers, body bytes)."""
+    url = server.url + path
+    if query:
+        url += "?" + urllib.parse.urlencode(query)
+    request_headers = {"Metadata-Flavor": "Google"}
+    request_headers.update(headers or {})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(url, headers=request_headers)
+    try:
+        with opener.open(request, timeout=10) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, error.read()
+
+
+def served(server, key, query=None):
+    """Text value the server serves at computeMetadata/v1/<key> (must be 200)."""
+    status, _, body = fetch(server, "/computeMetadata/v1/" + key, query)
+    assert status == 200, "server answered %d for %s: %r" % (status, key, body[:200])
+    return body.decode("utf-8")
+
+
+def served_lines(server, key):
+    return [line for line in served(server, key).split("\n") if line]
+
+
+def served_token(server, scopes=None):
+    """The access token the server's token endpoint hands out right now."""
+    query = {"scopes": ",".join(scopes)} if scopes else None
+    status, headers, body = fetch(
+        server, "/computeMetadata/v1/instance/service-accounts/default/token", query)
+    assert status == 200, body[:200]
+    return json.loads(body.decode("utf-8"))
+
+
+def decode_jwt(token):
+    """(header, claims, signing input, signature) of a compact JWS, unverified."""
+    parts = token.split(".")
+    assert len(parts) == 3, "not a compact JWS: %r" % token[:40]
+
+    def b64(segment):
+        return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+
+    return (json.loads(b64(parts[0])), json.loads(b64(parts[1])),
+            (parts[0] + "." + parts[1]).encode("ascii"), b64(parts[2]))
+
+
+def value_of(report, name):
+    """A client call's value; fails with the client's own error text otherwise."""
+    entry = report[name]
+    assert "error" not in entry, "%s failed in the client: %s" % (name, entry["error"])
+    return entry["value"]
+
+
+def as_decimal_text(value):
+    """gcp-metadata hands numbers back as JS numbers or json-bigint BigNumbers."""
+    if isinstance(value, dict) and "bignumber" in value:
+        return value["bignumber"]
+    return str(value)
+
+
+def assert_valid_id_token(server, token, audience, email):
+    header, claims, signing_input, signature = decode_jwt(token)
+    assert header["alg"] == "RS256"
+    assert claims["aud"] == audience
+    assert claims["email"] == email
+    assert claims["iss"] == ID_TOKEN_ISSUER
+    # Python and Node clients read exp as a number to schedule refreshes.
+    assert isinstance(claims["exp"], int) and isinstance(claims["iat"], int)
+    now = time.time()
+    assert claims["iat"] <= now + CLOCK_SLACK_SECONDS
+    assert now < claims["exp"] <= now + 3600 + CLOCK_SLACK_SECONDS
+    verify_signature(server, header, signing_input, signature)
+    return claims
+
+
+def assert_full_format_claims(server, claims):
+    """format=full (what Node and Python request) embeds the VM's identity."""
+    compute = claims["google"]["compute_engine"]
+    assert compute["project_id"] == served(server, "project/project-id")
+    assert str(compute["project_number"]) == served(server, "project/numeric-project-id")
+    assert isinstance(compute["project_number"], int)
+    # instance_id is a string in real tokens: it can exceed 2**53.
+    assert compute["instance_id"] == served(server, "instance/id")
+    assert compute["instance_name"] == served(server, "instance/name")
+    assert compute["zone"] == served(server, "instance/zone").rsplit("/", 1)[-1]
+    assert isinstance(compute["instance_creation_timestamp"], int)
+
+
+def verify_signature(server, header, signing_input, signature):
+    """Check the RS256 signature with the key the server publishes for id tokens."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+    numbers = server_signing_key_numbers(server, header.get("kid"))
+    public_key = rsa.RSAPublicNumbers(numbers[1], numbers[0]).public_key()
+    # Raises InvalidSignature on mismatch.
+    public_key.verify(signature, signing_input, padding.PKCS1v15(), hashes.SHA256())
+
+
+def server_signing_key_numbers(server, key_id):
+    """(n, e) of the key the server publishes as a JWKS, like Google's oauth2/v3/certs."""
+    status, _, body = fetch(server, "/oauth2/v3/certs")
+    assert status == 200, "no JWKS at /oauth2/v3/certs: %d %r" % (status, body[:200])
+    keys = json.loads(body.decode("utf-8"))["keys"]
+    matching = [key for key in keys if key.get("kid") == key_id]
+    assert matching, "id token kid %r not in the server's JWKS %r" % (
+        key_id, [key.get("kid") for key in keys])
+    jwk = matching[0]
+    assert jwk["kty"] == "RSA"
+
+    def b64_int(text):
+        return int.from_bytes(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)), "big")
+
+    return b64_int(jwk["n"]), b64_int(jwk["e"])
+
+
+@VM_CONFIGS
+def test_node_gcp_metadata_and_google_auth(gce_server, client_env):
+    report = run_node("gce.js", client_env(gce_server), [AUDIENCE])
+    project_id = served(gce_server, "project/project-id")
+
+    assert value_of(report, "is_available") is True
+    assert value_of(report, "project_id") == project_id
+    assert as_decimal_text(value_of(report, "numeric_project_id")) == \
+        served(gce_server, "project/numeric-project-id")
+    assert as_decimal_text(value_of(report, "instance_id")) == served(gce_server, "instance/id")
+    # Scopes are a newline list, not JSON, so gcp-metadata returns the raw text.
+    assert value_of(report, "scopes").split() == \
+        served_lines(gce_server, "instance/service-accounts/default/scopes")
+    recursive = value_of(report, "recursive_service_accounts")
+    assert recursive["default"]["email"] == \
+        served(gce_server, "instance/service-accounts/default/email")
+
+    assert value_of(report, "auth_project_id") == project_id
+    assert value_of(report, "auth_client_class") == "Compute"
+    email = served(gce_server, "instance/service-accounts/default/email")
+    assert value_of(report, "auth_email") == email
+    # The server caches one token per account and scope set, so a client that
+    # asked with the same scopes must hold exactly the token the server hands out.
+    assert value_of(report, "auth_access_token") == \
+        served_token(gce_server, [CLOUD_PLATFORM_SCOPE])["access_token"]
+    claims = assert_valid_id_token(gce_server, value_of(report, "id_token"), AUDIENCE, email)
+    assert_full_format_claims(gce_server, claims)
+
+
+@VM_CONFIGS
+def test_go_compute_metadata_helpers(gce_server, client_env):
+    report = run_go("gcemeta", client_env(gce_server), ["info"])
+
+    assert report["on_gce"] is True
+    assert value_of(report, "project_id") == served(gce_server, "project/project-id").strip()
+    assert value_of(report, "numeric_project_id") == \
+        served(gce_server, "project/numeric-project-id").strip()
+    assert value_of(report, "instance_id") == served(gce_server, "instance/id").strip()
+    assert value_of(report, "instance_name") == served(gce_server, "instance/name").strip()
+    assert value_of(report, "hostname") == served(gce_server, "instance/hostname").strip()
+    assert value_of(report, "zone") == served(gce_server, "instance/zone").strip().rsplit("/", 1)[-1]
+    assert value_of(report, "email") == \
+        served(gce_server, "instance/service-accounts/default/email").strip()
+    assert value_of(report, "scopes") == \
+        served_lines(gce_server, "instance/service-accounts/default/scopes")
+    assert value_of(report, "instance_tags") == json.loads(served(gce_server, "instance/tags"))
+    assert value_of(report, "instance_attributes") == \
+        [line.strip() for line in served(gce_server, "instance/attributes/").strip().split("\n")]
+    assert value_of(report, "project_attributes") == \
+        [line.strip() for line in served(gce_server, "project/attributes/").strip().split("\n")]
+    assert value_of(report, "internal_ip") == \
+        served(gce_server, "instance/network-interfaces/0/ip").strip()
+    assert value_of(report, "external_ip") == \
+        served(gce_server, "instance/network-interfaces/0/access-configs/0/external-ip").strip()
+    assert report["missing_is_not_defined"] is True
+
+
+class LineReader:
+    """Reads a child's stdout lines on a thread so the test can wait with a timeout."""
+
+    def __init__(self, stream):
+        self.lines = queue.Queue()
+        thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        thread.start()
+
+    def _pump(self, stream):
+        for line in iter(stream.readline, b""):
+            self.lines.put(line.decode("utf-8"))
+        self.lines.put(None)
+
+    def next_json(self, timeout):
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError("no output from the subscriber within %ss" % timeout)
+        assert line is not None, "subscriber exited early"
+        return json.loads(line)
+
+
+def test_go_subscribe_sees_attribute_updates(gce_server, client_env):
+    key = "mds-subscribe-test"
+    path = "instance/attributes/" + key
+    gce_server.update(path, "v1")
+    assert served(gce_server, path) == "v1"
+
+    process = start_go("gcemeta", client_env(gce_server), ["subscribe", path, "stop"])
+    try:
+        reader = LineReader(process.stdout)
+        assert reader.next_json(20) == {"value": "v1", "ok": True}
+        # Give the client time to park on its wait_for_change request, so the
+        # update below is delivered through the hanging GET, not a fresh read.
+        time.sleep(0.5)
+        gce_server.update(path, "v2")
+        assert reader.next_json(20) == {"value": "v2", "ok": True}
+        gce_server.update(path, "stop")
+        assert reader.next_json(20) == {"value": "stop", "ok": True}
+        assert process.wait(timeout=20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        stderr = process.stderr.read().decode("utf-8", "replace")
+        process.stdout.close()
+        process.stderr.close()
+    assert "error" not in stderr.lower(), stderr
+
+
+def test_go_subscribe_reports_deletion(gce_server, client_env):
+    path = "instance/attributes/mds-subscribe-delete"
+    gce_server.update(path, "present")
+    process = start_go("gcemeta", client_env(gce_server), ["subscribe", path, "never"])
+    try:
+        reader = LineReader(process.stdout)
+        assert reader.next_json(20) == {"value": "present", "ok": True}
+        time.sleep(0.5)
+        gce_server.delete(path)
+        # Subscribe maps the 404 of a deleted key to ok=false and returns.
+        assert reader.next_json(20) == {"value": "", "ok": False}
+        assert process.wait(timeout=20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+        process.stderr.close()
+
+
+def test_go_subscribe_recursive_directory(gce_server, client_env):
+    """Watching a whole directory, as the guest agent does, wakes on any change inside."""
+    suffix = "instance/attributes/?recursive=true"
+    process = start_go("gcemeta", client_env(gce_server), ["subscribe", suffix, "never-sent"])
+    try:
+        reader = LineReader(process.stdout)
+        first = reader.next_json(20)
+        assert first["ok"] is True
+        assert json.loads(first["value"]) == \
+            json.loads(served(gce_server, "instance/attributes/", {"recursive": "true"}))
+        time.sleep(0.5)
+        gce_server.update("instance/attributes/mds-recursive-watch", "changed")
+        second = reader.next_json(20)
+        assert second["ok"] is True
+        seen = json.loads(second["value"])
+        assert seen["mds-recursive-watch"] == "changed"
+        assert seen == json.loads(served(gce_server, "instance/attributes/", {"recursive": "true"}))
+    finally:
+        process.kill()
+        process.wait()
+        process.stdout.close()
+        process.stderr.close()
+
+
+@VM_CONFIGS
+def test_go_oauth2_default_credentials_and_compute_token(gce_server, client_env):
+    report = run_go("oauth2google", client_env(gce_server))
+    assert "adc_error" not in report, report["adc_error"]
+    assert report["adc_project_id"] == served(gce_server, "project/project-id").strip()
+
+    # The Go program asks without scopes, so compare with the scope-less token.
+    server_token = served_token(gce_server)
+    for name in ("adc_token", "compute_token"):
+        token = report[name]
+        assert "error" not in token, "%s: %s" % (name, token["error"])
+        assert token["access_token"] == server_token["access_token"]
+        assert token["token_type"] == "Bearer"
+        expected_expiry = time.time() + server_token["expires_in"]
+        assert abs(token["expiry"] - expected_expiry) <= CLOCK_SLACK_SECONDS
+
+
+@VM_CONFIGS
+def test_python_google_auth_and_storage(gce_server, client_env):
+    report = run_python("py_gce_client.py", client_env(gce_server), [AUDIENCE])
+    project_id = served(gce_server, "project/project-id")
+    email = served(gce_server, "instance/service-accounts/default/email")
+
+    assert report["blocked"] == [], "client tried to leave loopback"
+    assert value_of(report, "ping") is True
+    adc = value_of(report, "adc")
+    assert adc["project_id"] == project_id
+    assert adc["credentials_class"] == "google.auth.compute_engine.credentials.Credentials"
+    assert value_of(report, "metadata_project_id") == project_id
+
+    compute = value_of(report, "compute_token")
+    assert compute["service_account_email"] == email
+    vm_scopes = served_lines(gce_server, "instance/service-accounts/default/scopes")
+    # google-auth adopts the VM's scopes and sends them back with the request.
+    assert compute["scopes"] == vm_scopes
+    server_token = served_token(gce_server, vm_scopes)
+    assert compute["token"] == server_token["access_token"]
+    assert abs(compute["expiry"] - (time.time() + server_token["expires_in"])) <= CLOCK_SLACK_SECONDS
+
+    claims = assert_valid_id_token(gce_server, value_of(report, "id_token"), AUDIENCE, email)
+    assert_full_format_claims(gce_server, claims)
+
+    storage = value_of(report, "storage_client")
+    assert storage["project"] == project_id
+    assert storage["credentials_class"] == "google.auth.compute_engine.credentials.Credentials"
+
+
+
+def test_client_env_shields_clients_from_outer_environment(gce_server, client_env, monkeypatch):
+    # Each of these, if it leaked into the client, would send ADC or the
+    # metadata requests somewhere other than the server under test.
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", "/nonexistent/key.json")
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "leaked-project")
+    monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:9")
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIALEAKED")
+    env = client_env(gce_server)
+    assert "GOOGLE_APPLICATION_CREDENTIALS" not in env
+    assert "GOOGLE_CLOUD_PROJECT" not in env
+    assert "AWS_ACCESS_KEY_ID" not in env
+    assert "HTTP_PROXY" not in env
+    assert env["GCE_METADATA_HOST"] == gce_server.env["GCE_METADATA_HOST"]
+    assert os.listdir(env["HOME"]) == ["gcloud-config"]
+    assert os.listdir(env["CLOUDSDK_CONFIG"]) == []
+
+    report = run_python("py_gce_client.py", env, [AUDIENCE])
+    assert value_of(report, "adc")["project_id"] == served(gce_server, "project/project-id")

@@ -1,0 +1,155 @@
+"""Project-level promises: mds.py is one stdlib-only file that runs on Python
+3.8+, starts from the command line with no site-packages, and CI runs the
+same test command the README documents."""
+
+import ast
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from clients import REPO_ROOT, in_ci
+
+MDS_PY = os.path.join(REPO_ROOT, "mds.py")
+CI_RUN = os.path.join(REPO_ROOT, ".ci", "run")
+README = os.path.join(REPO_ROOT, "README.md")
+TEST_COMMAND = "bash tests/run.sh"
+
+
+def _venv_tool(name):
+    """A console script installed next to the interpreter running the tests."""
+    path = os.path.join(os.path.dirname(sys.executable), name)
+    if os.path.exists(path):
+        return path
+    message = "%s is not installed next to %s (tests/run.sh installs it)" % (name, sys.executable)
+    if in_ci():
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+    return None
+
+
+def test_mds_py_runs_on_python_3_8():
+    vermin = _venv_tool("vermin")
+    completed = subprocess.run(
+        [vermin, "--target=3.8-", "--no-tips", "--violations", MDS_PY],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120,
+    )
+    assert completed.returncode == 0, completed.stdout.decode("utf-8", "replace")
+
+
+def _module_level_imports(tree):
+    """Top-level module names imported when mds.py is imported.
+
+    Function bodies run later (optional extras are imported lazily there), but
+    class bodies and top-level if/try blocks run at import time, so they count.
+    """
+    names = []
+    pending = list(tree.body)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        if isinstance(node, ast.Import):
+            names.extend((alias.name.split(".")[0], node.lineno) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            module = "." * node.level + (node.module or "")
+            names.append((module.split(".")[0] if node.level == 0 else module, node.lineno))
+        pending.extend(ast.iter_child_nodes(node))
+    return names
+
+
+def test_mds_py_imports_only_the_standard_library_at_module_level():
+    with open(MDS_PY, "rb") as handle:
+        tree = ast.parse(handle.read(), MDS_PY)
+    stdlib = set(sys.stdlib_module_names) | {"__future__"}
+    foreign = sorted((lineno, name) for name, lineno in _module_level_imports(tree)
+                     if name not in stdlib)
+    assert not foreign, "non-stdlib module-level imports in mds.py: %s" % ", ".join(
+        "%s (line %d)" % (name, lineno) for lineno, name in foreign)
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _get(url, headers=None):
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with opener.open(request, timeout=5) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, error.read()
+
+
+def test_cli_serves_without_site_packages():
+    """`python3 -I -S mds.py` proves the server needs nothing outside the stdlib."""
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-I", "-S", MDS_PY, "--port", str(port)],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    base = "http://127.0.0.1:%d" % port
+    try:
+        deadline = time.monotonic() + 20
+        root = None
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                break
+            try:
+                root = _get(base + "/")
+                break
+            except (urllib.error.URLError, ConnectionError, socket.timeout):
+                time.sleep(0.1)
+        assert root is not None, "mds.py never answered on %s (exit %s)" % (base, process.poll())
+        status, headers, body = root
+        assert status == 200
+        assert headers.get("Metadata-Flavor") == "Google"
+        assert b"computeMetadata/" in body.split(b"\n")
+
+        status, headers, project_id = _get(base + "/computeMetadata/v1/project/project-id",
+                                           {"Metadata-Flavor": "Google"})
+        assert status == 200
+        assert project_id and not project_id.endswith(b"\n")
+    finally:
+        process.terminate()
+        try:
+            output = process.communicate(timeout=10)[0]
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output = process.communicate()[0]
+    assert process.returncode == 0, "mds.py did not exit cleanly on SIGTERM:\n%s" % (
+        output.decode("utf-8", "replace"))
+
+
+def test_cli_help_lists_port_option():
+    completed = subprocess.run([sys.executable, "-I", "-S", MDS_PY, "--help"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
+    assert completed.returncode == 0
+    assert "--port" in completed.stdout.decode("utf-8", "replace")
+
+
+def test_ci_runs_the_readme_test_command():
+    with open(CI_RUN, encoding="utf-8") as handle:
+        ci_script = handle.read()
+    assert ci_script.startswith("#!/usr/bin/env bash\n")
+    assert "set -euo pipefail" in ci_script
+    assert os.access(CI_RUN, os.X_OK), ".ci/run must be executable"
+    ci_commands = [line.strip() for line in ci_script.splitlines()
+                   if line.strip() and not line.strip().startswith("#")]
+    assert any(re.search(r"(^|\s)%s(\s|$)" % re.escape(TEST_COMMAND), line)
+               for line in ci_commands), ".ci/run does not run %r" % TEST_COMMAND
+
+    assert os.path.exists(README), "README.md is missing; it must document %r" % TEST_COMMAND
+    with open(README, encoding="utf-8") as handle:
+        readme_lines = [line.strip() for line in handle]
+    assert any(line.lstrip("$ ").startswith(TEST_COMMAND) for line in readme_lines), \
+        "README.md does not document %r" % TEST_COMMAND
