@@ -220,8 +220,9 @@ class Request:
         self.path = path
         self.raw_query = raw_query
         self.query = {}
-        for key, values in urllib.parse.parse_qs(raw_query, keep_blank_values=True).items():
-            self.query[key] = values[0]   # repeated parameters: the first one wins
+        if raw_query:
+            for key, values in urllib.parse.parse_qs(raw_query, keep_blank_values=True).items():
+                self.query[key] = values[0]   # repeated parameters: the first one wins
         self.headers = headers
         self.client_ip = client_ip
         self.host = host
@@ -301,8 +302,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             lines.append("Content-Type: " + response.content_type)
         lines.append("Content-Length: %d" % len(body))
         if not response.bare:
-            for name, value in flavor.common_headers:
-                lines.append("%s: %s" % (name, value))
+            lines.extend(mds.common_header_lines())
         for name, value in response.headers:
             lines.append("%s: %s" % (name, value))
         if self.close_connection:
@@ -938,9 +938,12 @@ class Token:
 
 
 class TokenCache:
-    """One cache for every credential source: a token per key until fewer than `margin` seconds
-    remain (the real server's 5 minutes), refreshed ahead of time in the background, and at most
-    one mint in flight per key.
+    """One cache for every credential source, keyed by (kind, source, account, ...).
+
+    A token is handed out unchanged until fewer than `margin` seconds remain (the real server's
+    5 minutes).  Before that, once fewer than `refresh_ahead` seconds remain, the next token is
+    fetched in the background and kept aside, so the swap at the 5-minute mark never waits on
+    an upstream.  At most one mint per key is in flight, however many requests arrive cold.
     """
 
     def __init__(self, margin=300, refresh_ahead=600, clock=time.time):
@@ -948,6 +951,7 @@ class TokenCache:
         self.refresh_ahead = refresh_ahead
         self.clock = clock
         self._tokens = {}
+        self._staged = {}
         self._locks = {}
         self._failures = {}
         self._refreshing = set()
@@ -964,7 +968,7 @@ class TokenCache:
         token = self._tokens.get(key)
         now = self.clock()
         if token is not None and token.expiry - now >= self.margin:
-            if token.expiry - now < self.refresh_ahead:
+            if token.expiry - now < self.refresh_ahead and key not in self._staged:
                 self._refresh_in_background(key, mint)
             return token
         with self._lock(key):
@@ -972,6 +976,10 @@ class TokenCache:
             now = self.clock()
             if token is not None and token.expiry - now >= self.margin:
                 return token
+            staged = self._staged.pop(key, None)
+            if staged is not None and staged.expiry - now >= self.margin:
+                self._tokens[key] = staged
+                return staged
             failure = self._failures.get(key)
             if failure is not None and now < failure[0]:
                 return self._fallback(token, now, failure[2])
@@ -1000,12 +1008,11 @@ class TokenCache:
 
         def refresh():
             try:
+                fresh = mint()
                 with self._lock(key):
-                    token = self._tokens.get(key)
-                    if token is None or token.expiry - self.clock() < self.refresh_ahead:
-                        self._tokens[key] = mint()
+                    self._staged[key] = fresh
             except CredentialError as exc:
-                log.warning("background token refresh failed: %s", exc)
+                log.warning("background token refresh failed (will retry): %s", exc)
             finally:
                 with self._guard:
                     self._refreshing.discard(key)
@@ -1946,6 +1953,7 @@ class MetadataServer:
         self._reload_requested = threading.Event()
         self._config_stamp = None
         self._date_cache = (0, "")
+        self._common_lines = None
         self.flavor = FLAVORS[flavor](self)
         if isinstance(config, dict):
             document = config
@@ -2018,6 +2026,12 @@ class MetadataServer:
             return self.flavor.client_env()
         return {"GCE_METADATA_HOST": self.authority, "GCE_METADATA_IP": self.authority,
                 "GCE_METADATA_ROOT": self.authority}
+
+    def common_header_lines(self):
+        lines = self._common_lines
+        if lines is None:
+            lines = self._common_lines = ["%s: %s" % h for h in self.flavor.common_headers]
+        return lines
 
     def http_date(self):
         now = int(time.time())
