@@ -28,25 +28,36 @@ tpm2-pytss (keys held in a TPM).
 
 import argparse
 import base64
+import calendar
+import collections
+import configparser
 import copy
 import datetime
 import email.utils
 import hashlib
 import hmac
+import http.client
 import http.server
+import ipaddress
 import json
 import logging
 import math
 import os
+import random
 import re
 import secrets
 import select
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
+import warnings
+import xml.etree.ElementTree as ElementTree
 
 __version__ = "0.1.0"
 
@@ -541,27 +552,31 @@ class GceFlavor:
         if not isinstance(raw, dict):
             raise ConfigError("instance.serviceAccounts must be an object keyed by email")
         per_account = settings.get("serviceAccounts") or {}
-        accounts, primary = {}, None
+        entries, primary = {}, None
         for key, entry in raw.items():
             if not isinstance(entry, dict):
                 raise ConfigError("instance.serviceAccounts.%s must be an object" % key)
             address = entry.get("email") or (key if key != "default" else None)
             if not address:
                 raise ConfigError("instance.serviceAccounts.default needs an \"email\"")
-            if address not in accounts:
-                options = per_account.get(address) or {}
-                scopes = entry.get("scopes") or list(DEFAULT_SCOPES)
-                accounts[address] = Account(
-                    address, scopes, entry.get("aliases") or [],
-                    str(options.get("uniqueId") or unique_id_for(address)),
-                    self.server.source_for(address, options.get("credentials")))
-            if key == "default" or "default" in (entry.get("aliases") or []):
-                primary = primary or accounts[address]
-        if accounts and primary is None:
-            primary = next(iter(accounts.values()))
-        if primary is not None:
-            primary.aliases = ["default"]
-        return {"default": primary, **accounts} if primary else {}
+            entries.setdefault(address, entry)
+            if primary is None and (key == "default" or "default" in (entry.get("aliases")
+                                                                      or [])):
+                primary = address
+        if entries and primary is None:
+            primary = next(iter(entries))
+        accounts = {}
+        for address, entry in entries.items():
+            options = per_account.get(address) or {}
+            spec = options.get("credentials")
+            if spec is None and address == primary:
+                spec = self.server.credentials     # the command line speaks for `default`
+            accounts[address] = Account(
+                address, entry.get("scopes") or list(DEFAULT_SCOPES),
+                ["default"] if address == primary else (entry.get("aliases") or []),
+                str(options.get("uniqueId") or unique_id_for(address)),
+                self.server.source_for(address, spec, options))
+        return {"default": accounts[primary], **accounts} if primary else {}
 
     def _compile_dict(self, name, json_key, value, path, accounts, raw=False):
         # Below a user-defined key (an attribute holding an object, say) nothing is Google's.
@@ -611,6 +626,42 @@ class GceFlavor:
         for endpoint in SERVICE_ACCOUNT_ENDPOINTS:
             node.children[endpoint] = Node(endpoint, endpoint, endpoint, account=account).finish()
         return node.finish()
+
+    def apply_identity(self, document, identity, explicit):
+        """Project and primary-account overrides (flags, the Go emulator's GOOGLE_* variables)
+        and what a key file says, applied to a loaded document.
+
+        Overrides always win.  A key file fills in what the config leaves out; with an explicit
+        config its email must match the primary account's, so a typo cannot mint tokens for
+        an account the config does not describe.
+        """
+        document = copy.deepcopy(document)
+        top = document.setdefault("computeMetadata", self.default_document()["computeMetadata"])
+        v1 = top.setdefault("v1", {})
+        project = v1.setdefault("project", {})
+        instance = v1.setdefault("instance", {})
+        if identity.get("project_id"):
+            project["projectId"] = identity["project_id"]
+        elif identity.get("key_file_project_id") and (not explicit or
+                                                      not project.get("projectId")):
+            project["projectId"] = identity["key_file_project_id"]
+        if identity.get("numeric_project_id"):
+            number = str(identity["numeric_project_id"])
+            if not number.isdigit():
+                raise ConfigError("the numeric project id must be digits, not %r" % number)
+            project["numericProjectId"] = int(number)
+        accounts = instance.setdefault("serviceAccounts", {})
+        current = _primary_email(accounts)
+        wanted = identity.get("service_account")
+        key_email = identity.get("key_file_email")
+        if not wanted and key_email:
+            if explicit and current and current != key_email:
+                raise ConfigError("the key file is for %s but the config's default service "
+                                  "account is %s" % (key_email, current))
+            wanted = key_email
+        if wanted and wanted != current:
+            instance["serviceAccounts"] = _rename_primary_account(accounts, current, wanted)
+        return document
 
     def document_keys(self, path):
         """Map a URL path under /computeMetadata/v1/ to a key path in the document."""
@@ -846,6 +897,33 @@ class GceFlavor:
         return Response(301, target + "\n", "text/html", [("Location", location)])
 
 
+def _primary_email(accounts):
+    """The email of the account served as `default` in an instance.serviceAccounts object."""
+    for key, entry in accounts.items():
+        if isinstance(entry, dict) and (key == "default" or "default" in (entry.get("aliases")
+                                                                          or [])):
+            return entry.get("email") or (key if key != "default" else None)
+    for key, entry in accounts.items():
+        return (entry or {}).get("email") or key
+    return None
+
+
+def _rename_primary_account(accounts, old, new):
+    renamed = {}
+    for key, entry in accounts.items():
+        entry = dict(entry or {})
+        if key == old or entry.get("email") == old or key == "default":
+            entry["email"] = new
+        renamed[new if key == old else key] = entry
+    if not renamed:
+        renamed = {"default": {"aliases": ["default"], "email": new,
+                               "scopes": list(DEFAULT_SCOPES)}}
+    if new not in renamed:
+        renamed[new] = dict(renamed.get("default") or {"scopes": list(DEFAULT_SCOPES)},
+                            email=new, aliases=["default"])
+    return renamed
+
+
 class BadRequest(ValueError):
     """A query the metadata server refuses with 400 and this reason."""
 
@@ -900,14 +978,1040 @@ def _render_text(node):
     return "".join(lines).encode("utf-8")
 
 
+# Functions that add a flavor's own command-line flags (the EC2 flavor registers one).
+FLAVOR_ARGUMENTS = [lambda parser: add_ec2_arguments(parser)]
+
 FLAVORS = {
     "gce": lambda server: GceFlavor(server, "gce"),
     "cloudrun": lambda server: GceFlavor(server, "serverless"),
     "gke": lambda server: GceFlavor(server, "gke"),
+    "ec2": lambda server: Ec2Flavor(server),
 }
 
 
 # ---- EC2 flavor ------------------------------------------------------------------------------
+
+_ec2_log = logging.getLogger("mds.ec2")
+
+EC2_SERVER_HEADER = "EC2ws"
+EC2_TEXT = "text/plain"
+EC2_OCTETS = "application/octet-stream"
+TOKEN_HEADER = "X-aws-ec2-metadata-token"
+TOKEN_TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
+# Real GET responses spell the echoed TTL header this way (spec §1).
+TOKEN_TTL_RESPONSE_HEADER = "X-Aws-Ec2-Metadata-Token-Ttl-Seconds"
+MAX_TOKEN_TTL = 21600
+ECS_CREDENTIALS_PATH = "/mds/ecs/credentials"
+EC2_CERTIFICATE_PATH = "/mds/ec2/certificate.pem"
+DEFAULT_ROLE_NAME = "mds-ec2-role"
+DEFAULT_ACCOUNT_ID = "123456789012"
+
+# Metadata build versions served at "/" (spec §3.1); every one serves the same tree, as the
+# common emulators do. Oldest first, "latest" last.
+EC2_API_VERSIONS = (
+    "1.0", "2007-01-19", "2007-03-01", "2007-08-29", "2007-10-10", "2007-12-15", "2008-02-01",
+    "2008-09-01", "2009-04-04", "2011-01-01", "2011-05-01", "2012-01-12", "2014-02-25",
+    "2014-11-05", "2015-10-20", "2016-04-19", "2016-06-30", "2016-09-02", "2018-03-28",
+    "2018-08-17", "2018-09-24", "2019-10-01", "2020-10-27", "2021-01-03", "2021-03-23",
+    "2021-07-15", "latest",
+)
+
+# Leaves whose document value may be a JSON object or array; it is served as AWS formats its
+# JSON documents (2-space indent, " : " separators). Everywhere else an object is a directory
+# and a list of scalars is a newline-separated multi-value leaf.
+_EC2_JSON_LEAVES = frozenset((
+    ("meta-data", "spot", "instance-action"),
+    ("meta-data", "events", "recommendations", "rebalance"),
+    ("meta-data", "events", "maintenance", "scheduled"),
+    ("meta-data", "events", "maintenance", "history"),
+    ("meta-data", "identity-credentials", "ec2", "info"),
+    ("dynamic", "instance-identity", "document"),
+))
+
+_EC2_XHTML_PAGE = (
+    '<?xml version="1.0" encoding="iso-8859-1"?>\n'
+    '<!DOCTYPE html PUBLIC "-//W3C//DTD XHTML 1.0 Transitional//EN"\n'
+    '         "http://www.w3.org/TR/xhtml1/DTD/xhtml1-transitional.dtd">\n'
+    '<html xmlns="http://www.w3.org/1999/xhtml" xml:lang="en" lang="en">\n'
+    ' <head>\n  <title>%(title)s</title>\n </head>\n'
+    ' <body>\n  <h1>%(title)s</h1>\n </body>\n</html>\n'
+)
+
+_REGION_DIRECTIONS = {"east": "e", "west": "w", "north": "n", "south": "s", "central": "c",
+                      "southeast": "se", "southwest": "sw", "northeast": "ne",
+                      "northwest": "nw", "gov": "g", "iso": "i", "isob": "ib"}
+
+
+def ec2_error_response(status, extra_headers=()):
+    """The XHTML error page real IMDS (404) and AWS's own mock (400/401/403) send (spec §1.1)."""
+    titles = {400: "400 - Bad Request", 401: "401 - Unauthorized", 403: "403 - Forbidden",
+              404: "404 - Not Found"}
+    body = _EC2_XHTML_PAGE % {"title": titles.get(status, "%d - Error" % status)}
+    return Response(status, body, "text/html", list(extra_headers))
+
+
+def aws_json(value):
+    """JSON as IMDS formats its documents: 2-space indent and '"key" : value'."""
+    return json.dumps(value, indent=2, separators=(",", " : "))
+
+
+def parse_duration(text):
+    """Seconds from "90", "90s", "2m", "1h", "1h30m" (CLI delays)."""
+    text = str(text).strip().lower()
+    if re.match(r"^\d+(\.\d+)?$", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError("not a duration: %r (use e.g. 90, 90s, 2m, 1h30m)" % text)
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+def availability_zone_id(region, zone):
+    """A plausible zone id ("use1-az1") for a zone; real ids are shuffled per account."""
+    parts = region.split("-")
+    short = parts[0] + "".join(_REGION_DIRECTIONS.get(p, p[:1]) for p in parts[1:-1])
+    letter = zone[len(region):] or "a"
+    return "%s%s-az%d" % (short, parts[-1], max(1, ord(letter[0]) - ord("a") + 1))
+
+
+def _region_of_zone(zone):
+    return re.sub(r"[a-z]+$", "", zone)
+
+
+def _hostname_suffix(region, public=False):
+    if region == "us-east-1":
+        return "compute-1.amazonaws.com" if public else "ec2.internal"
+    return ("%s.compute.amazonaws.com" if public else "%s.compute.internal") % region
+
+
+def _stable_id(seed, length, alphabet="0123456789abcdef"):
+    digest = int(hashlib.sha256(seed.encode("utf-8")).hexdigest(), 16)
+    chars = []
+    for _ in range(length):
+        digest, index = divmod(digest, len(alphabet))
+        chars.append(alphabet[index])
+    return "".join(chars)
+
+
+def _deep_merge(base, override):
+    """`override` laid over `base`; a None value in `override` removes the key."""
+    merged = dict(base)
+    for key, value in override.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _ec2_time(epoch):
+    return format_imds_time(epoch)
+
+
+def _rfc1123_short(epoch):
+    # Scheduled-event dates look like "21 Jan 2019 09:00:43 GMT" (spec §3.4).
+    moment = time.gmtime(epoch)
+    return "%d %s" % (moment.tm_mday, time.strftime("%b %Y %H:%M:%S GMT", moment))
+
+
+def _event_time(spec, started_at, what):
+    """Absolute epoch of an event from {"after": seconds since startup} or {"at": time}."""
+    if "at" in spec and spec["at"] is not None:
+        at = spec["at"]
+        if isinstance(at, (int, float)):
+            return float(at)
+        try:
+            return parse_imds_time(str(at))
+        except ValueError:
+            raise ConfigError("mds.ec2.events.%s.at must be epoch seconds or an ISO time"
+                              % what)
+    after = spec.get("after", 0)
+    try:
+        return started_at + (parse_duration(after) if isinstance(after, str) else float(after))
+    except (TypeError, ValueError):
+        raise ConfigError("mds.ec2.events.%s.after must be seconds or a duration" % what)
+
+
+class _Computed(object):
+    """A leaf rendered at request time (credentials, events, signatures); None means 404."""
+
+    __slots__ = ("render", "content_type")
+
+    def __init__(self, render, content_type=EC2_TEXT):
+        self.render = render
+        self.content_type = content_type
+
+
+class _Ec2Tree(object):
+    """A compiled EC2 document: the static IMDS tree plus the settings the flavor acts on."""
+
+    def __init__(self):
+        self.meta = {}            # meta-data tree: dict = directory, str = leaf, _Computed
+        self.dynamic = {}
+        self.user_data = None     # bytes or None (404)
+        self.region = None
+        self.account_id = DEFAULT_ACCOUNT_ID
+        self.identity_document = b""
+        self.default_role = None
+        self.roles = {}           # name -> role settings (dict)
+        self.client_roles = []    # (ip_network, role name or None), most specific first
+        self.imdsv2_required = False
+        self.events = {}
+        self.ecs_path = ECS_CREDENTIALS_PATH
+        self.ecs_auth_token = None
+        self.public_keys = []     # [(index, name)]
+        self.started_at = 0.0
+        self.providers = {}       # role name -> credential provider
+
+
+class Ec2Flavor(object):
+    """The EC2 instance metadata service (IMDSv1 and v2) plus an ECS credentials endpoint.
+
+    Serves the document's "ec2" section (IMDS path shape, laid over a plausible default
+    instance) under every metadata version; role credentials come from per-role providers
+    (offline, static, STS AssumeRole) chosen by the client's source address. Emulator
+    settings live in the document's "mds" -> "ec2" object; `options` (from the CLI or
+    MetadataServer(options=...)) override them.
+    """
+
+    name = "ec2"
+    server_header = EC2_SERVER_HEADER
+
+    def __init__(self, server, options=None):
+        self.server = server
+        self.options = dict(options if options is not None
+                            else (getattr(server, "options", None) or {}))
+        self.common_headers = [("Accept-Ranges", "none")]
+        self.started_at = time.time()
+        self._token_key = secrets.token_bytes(32)
+        self._providers = {}
+        self._providers_guard = threading.Lock()
+        self._identity_credentials = OfflineRoleCredentials("ec2-instance")
+        self._identity_cache = {}
+        self._identity_guard = threading.Lock()
+        self._certificate = None
+        self._error_log = {}
+
+    # -- lifecycle (the server calls these when it has such hooks) ---------------------------
+
+    def start(self):
+        """Give upstream providers (AssumeRole) up to 10 s each for their first credentials,
+        so that the first client after startup is served; they already run in background."""
+        for provider in list(self._providers.values()):
+            provider.start()
+
+    def stop(self):
+        """Stop background refreshers (they also stop by themselves once the server stops)."""
+        with self._providers_guard:
+            providers = list(self._providers.values())
+            self._providers.clear()
+        for provider in providers:
+            provider.stop()
+
+    def _stopping(self):
+        return bool(getattr(self.server, "stopping", False))
+
+    # -- the document -----------------------------------------------------------------------
+
+    def default_document(self):
+        # Minimal on purpose: compile() derives the whole plausible instance, and keeping the
+        # document small lets update("meta-data/placement/region", ...) move every derived
+        # value (zone, hostnames, identity document) along with it.
+        return {"ec2": {}}
+
+    def document_keys(self, path):
+        """Key path in the document for a URL-ish path.
+
+        "meta-data/spot/instance-action" and "/latest/meta-data/..." address the IMDS tree
+        (document "ec2"); "mds/ec2/events/spot" addresses emulator settings.
+        """
+        segments = [s for s in path.strip("/").split("/") if s]
+        if segments and segments[0] == "mds":
+            return segments
+        if segments and segments[0] in EC2_API_VERSIONS:
+            segments = segments[1:]
+        if not segments:
+            raise KeyError("empty path")
+        return ["ec2"] + segments
+
+    def compile(self, document):
+        """Build the served tree; raises ConfigError naming what is wrong with the document."""
+        if not isinstance(document, dict):
+            raise ConfigError("the document must be a JSON object")
+        section = document.get("ec2") or {}
+        if not isinstance(section, dict):
+            raise ConfigError('"ec2" must be an object in IMDS path shape')
+        unknown = sorted(set(section) - {"meta-data", "user-data", "dynamic"})
+        if unknown:
+            raise ConfigError('unknown key(s) in "ec2": %s (expected meta-data, user-data, '
+                              'dynamic)' % ", ".join(unknown))
+        settings = (document.get("mds") or {})
+        if not isinstance(settings, dict):
+            raise ConfigError('"mds" settings must be an object')
+        settings = settings.get("ec2") or {}
+        if not isinstance(settings, dict):
+            raise ConfigError('"mds"."ec2" settings must be an object')
+        tree = _Ec2Tree()
+        tree.started_at = self.started_at
+        tree.account_id = str(settings.get("account_id") or DEFAULT_ACCOUNT_ID)
+        self._compile_settings(tree, settings)
+        meta = section.get("meta-data") or {}
+        if not isinstance(meta, dict):
+            raise ConfigError('"ec2"."meta-data" must be an object')
+        if "iam" in meta:
+            raise ConfigError('"ec2"."meta-data"."iam" is computed: configure roles under '
+                              '"mds"."ec2"."roles" instead')
+        merged = self._default_meta_data(meta, tree)
+        tree.meta = self._compile_dir(merged, ("meta-data",), tree)
+        tree.user_data = self._user_data(section.get("user-data"))
+        tree.identity_document = self._identity_document(tree, merged, section)
+        dynamic = section.get("dynamic") or {}
+        if not isinstance(dynamic, dict):
+            raise ConfigError('"ec2"."dynamic" must be an object')
+        dynamic = _deep_merge({"fws": {"instance-monitoring": "disabled"}}, dynamic)
+        dynamic.setdefault("instance-identity", {})
+        tree.dynamic = self._compile_dir(dynamic, ("dynamic",), tree)
+        identity = tree.dynamic["instance-identity"]
+        identity["document"] = tree.identity_document.decode("utf-8")
+        identity["signature"] = _Computed(lambda: self._identity_signatures(tree)[0])
+        identity["rsa2048"] = _Computed(lambda: self._identity_signatures(tree)[1])
+        # Real pkcs7 is SHA-1/DSA (spec §3.5); we have one RSA key, so the RSA-SHA256
+        # SignedData is served under both names. Verifiers of AWS's DSA cert fail either way.
+        identity["pkcs7"] = identity["rsa2048"]
+        self._sync_providers(tree)
+        return tree
+
+    # -- settings ---------------------------------------------------------------------------
+
+    def _compile_settings(self, tree, settings):
+        options = self.options
+        tree.imdsv2_required = bool(options.get("imdsv2_required")
+                                    or settings.get("imdsv2_required"))
+        roles = settings.get("roles") or {}
+        if not isinstance(roles, dict):
+            raise ConfigError('"mds"."ec2"."roles" must map role names to settings')
+        tree.roles = {}
+        for name, spec in roles.items():
+            tree.roles[str(name)] = self._role_spec(str(name), spec)
+        default_role = settings.get("role", DEFAULT_ROLE_NAME)
+        # CLI options describe the default role and win over the document.
+        if options.get("role_arn"):
+            arn = options["role_arn"]
+            if not re.match(r"^arn:aws[\w-]*:iam::\d{12}:role/.+", arn):
+                raise ConfigError("--role-arn %r is not an IAM role ARN" % arn)
+            default_role = options.get("role_name") or arn.rsplit("/", 1)[-1]
+            spec = {"source": "assume-role", "role_arn": arn}
+            for key in ("sts_endpoint", "sts_region", "aws_profile", "external_id",
+                        "role_session_name"):
+                if options.get(key):
+                    spec[key] = options[key]
+            tree.roles[default_role] = self._role_spec(default_role, spec)
+        elif options.get("static_credentials") or options.get("aws_profile"):
+            default_role = options.get("role_name") or default_role or DEFAULT_ROLE_NAME
+            tree.roles[default_role] = self._role_spec(default_role, {
+                "source": "static", "aws_profile": options.get("aws_profile")})
+        elif options.get("role_name"):
+            default_role = options["role_name"]
+        tree.default_role = default_role
+        clients = settings.get("clients") or {}
+        if not isinstance(clients, dict):
+            raise ConfigError('"mds"."ec2"."clients" must map source IP/CIDR to a role name')
+        for address, role in clients.items():
+            try:
+                network = ipaddress.ip_network(str(address), strict=False)
+            except ValueError:
+                raise ConfigError('"mds"."ec2"."clients": %r is not an IP address or CIDR'
+                                  % address)
+            tree.client_roles.append((network, role))
+        tree.client_roles.sort(key=lambda item: -item[0].prefixlen)
+        for role in [tree.default_role] + [r for _, r in tree.client_roles]:
+            if role is not None and role not in tree.roles:
+                tree.roles[role] = self._role_spec(role, {"source": "offline"})
+        events = dict(settings.get("events") or {})
+        if options.get("spot_interruption_after") is not None:
+            events["spot"] = dict(events.get("spot") or {},
+                                  after=float(options["spot_interruption_after"]))
+        if options.get("rebalance_after") is not None:
+            events["rebalance"] = dict(events.get("rebalance") or {},
+                                       after=float(options["rebalance_after"]))
+        tree.events = self._compile_events(events, tree.started_at)
+        ecs = settings.get("ecs") or {}
+        tree.ecs_path = ecs.get("path") or ECS_CREDENTIALS_PATH
+        tree.ecs_auth_token = options.get("ecs_auth_token") or ecs.get("auth_token")
+
+    def _role_spec(self, name, spec):
+        if isinstance(spec, str):
+            spec = {"source": spec}
+        if spec is None:
+            spec = {"source": "offline"}
+        if not isinstance(spec, dict):
+            raise ConfigError("role %s: settings must be an object or a source name" % name)
+        spec = dict(spec)
+        if "profile" in spec and "aws_profile" not in spec:
+            spec["aws_profile"] = spec.pop("profile")
+        source = spec.get("source") or ("assume-role" if spec.get("role_arn") else "offline")
+        if source not in ("offline", "static", "assume-role"):
+            raise ConfigError("role %s: unknown source %r (offline, static, assume-role)"
+                              % (name, source))
+        if source == "assume-role" and not spec.get("role_arn"):
+            raise ConfigError("role %s: assume-role needs role_arn" % name)
+        spec["source"] = source
+        return spec
+
+    def _compile_events(self, events, started_at):
+        compiled = {}
+        spot = events.get("spot")
+        if spot:
+            spot = {} if spot is True else dict(spot)
+            action = spot.get("action", "terminate")
+            if action not in ("terminate", "stop", "hibernate"):
+                raise ConfigError("mds.ec2.events.spot.action must be terminate, stop or "
+                                  "hibernate")
+            notice_at = _event_time(spot, started_at, "spot")
+            # The action time is two minutes after the notice, as on EC2.
+            compiled["spot"] = (notice_at, action,
+                                notice_at + float(spot.get("notice", 120)))
+        rebalance = events.get("rebalance")
+        if rebalance:
+            rebalance = {} if rebalance is True else dict(rebalance)
+            compiled["rebalance"] = _event_time(rebalance, started_at, "rebalance")
+        maintenance = events.get("maintenance") or []
+        if isinstance(maintenance, dict):
+            maintenance = [maintenance]
+        compiled["maintenance"] = []
+        for index, event in enumerate(maintenance):
+            visible_at = _event_time(event, started_at, "maintenance")
+            not_before = visible_at + float(event.get("starts_in", 7 * 86400))
+            entry = collections.OrderedDict()
+            entry["NotBefore"] = _rfc1123_short(not_before)
+            entry["Code"] = event.get("code", "system-reboot")
+            entry["Description"] = event.get("description", "scheduled reboot")
+            entry["EventId"] = event.get("event_id") or "instance-event-0" + _stable_id(
+                "%s/%d/%s" % (entry["Code"], index, not_before), 16)
+            if event.get("duration", 1200) is not None:
+                entry["NotAfter"] = _rfc1123_short(
+                    not_before + float(event.get("duration", 1200)))
+            entry["State"] = event.get("state", "active")
+            compiled["maintenance"].append((visible_at, entry))
+        lifecycle = events.get("autoscaling") or events.get("target_lifecycle_state")
+        if lifecycle:
+            lifecycle = {} if lifecycle is True else dict(lifecycle)
+            compiled["autoscaling"] = (_event_time(lifecycle, started_at, "autoscaling"),
+                                       lifecycle.get("initial", "InService"),
+                                       lifecycle.get("state", "Terminated"))
+        return compiled
+
+    # -- the instance -------------------------------------------------------------------------
+
+    def _default_meta_data(self, meta, tree):
+        placement = meta.get("placement") or {}
+        if not isinstance(placement, dict):
+            raise ConfigError('"meta-data"."placement" must be an object')
+        region = placement.get("region")
+        zone = placement.get("availability-zone")
+        if zone and not region:
+            region = _region_of_zone(zone)
+        elif region and not zone:
+            zone = region + "a"
+        elif not region:
+            region, zone = "us-east-1", "us-east-1a"
+        if not zone.startswith(region):
+            raise ConfigError("placement: availability-zone %s is not in region %s (clients "
+                              "derive the region from the zone)" % (zone, region))
+        tree.region = region
+        local_ip = str(meta.get("local-ipv4") or "172.31.16.10")
+        public_ip = meta.get("public-ipv4", "203.0.113.25")
+        mac = str(meta.get("mac") or "0e:1f:2a:3b:4c:5d")
+        instance_id = str(meta.get("instance-id") or "i-0a1b2c3d4e5f67890")
+        local_host = "ip-%s.%s" % (local_ip.replace(".", "-"), _hostname_suffix(region))
+        public_host = ("ec2-%s.%s" % (str(public_ip).replace(".", "-"),
+                                      _hostname_suffix(region, public=True))
+                       if public_ip else None)
+        security_groups = meta.get("security-groups") or ["default"]
+        interface = collections.OrderedDict((
+            ("device-number", "0"),
+            ("interface-id", "eni-0" + _stable_id(instance_id + "/eni", 16)),
+            ("local-hostname", local_host),
+            ("local-ipv4s", local_ip),
+            ("mac", mac),
+            ("network-card-index", "0"),
+            ("owner-id", tree.account_id),
+            ("security-group-ids", "sg-0" + _stable_id(instance_id + "/sg", 16)),
+            ("security-groups", security_groups),
+            ("subnet-id", "subnet-0" + _stable_id(instance_id + "/subnet", 16)),
+            ("subnet-ipv4-cidr-block", "172.31.16.0/20"),
+            ("vpc-id", "vpc-0" + _stable_id(instance_id + "/vpc", 16)),
+            ("vpc-ipv4-cidr-block", "172.31.0.0/16"),
+            ("vpc-ipv4-cidr-blocks", "172.31.0.0/16"),
+        ))
+        if public_ip:
+            interface["public-hostname"] = public_host
+            interface["public-ipv4s"] = str(public_ip)
+            interface["ipv4-associations"] = {str(public_ip): local_ip}
+        default = {
+            "ami-id": "ami-0" + _stable_id(instance_id + "/ami", 16),
+            "ami-launch-index": "0",
+            "ami-manifest-path": "(unknown)",
+            "block-device-mapping": {"ami": "/dev/xvda", "root": "/dev/xvda"},
+            "hostname": local_host,
+            "instance-action": "none",
+            "instance-id": instance_id,
+            "instance-life-cycle": "spot" if tree.events.get("spot") else "on-demand",
+            "instance-type": "t3.micro",
+            "local-hostname": local_host,
+            "local-ipv4": local_ip,
+            "mac": mac,
+            "network": {"interfaces": {"macs": {mac: interface}}},
+            "placement": {"availability-zone": zone,
+                          "availability-zone-id": availability_zone_id(region, zone),
+                          "region": region},
+            "profile": "default-hvm",
+            "reservation-id": "r-0" + _stable_id(instance_id + "/reservation", 16),
+            "security-groups": security_groups,
+            "services": {"domain": "amazonaws.com", "partition": "aws"},
+        }
+        if public_ip:
+            default["public-hostname"] = public_host
+            default["public-ipv4"] = str(public_ip)
+        merged = _deep_merge(default, meta)
+        merged["placement"] = _deep_merge(merged["placement"],
+                                          {"region": region, "availability-zone": zone})
+        if "events" not in merged:
+            merged["events"] = {"maintenance": {}}
+        return merged
+
+    def _compile_dir(self, value, path, tree):
+        node = {}
+        for key, child in value.items():
+            key = str(key)
+            child_path = path + (key,)
+            if child is None:
+                continue
+            if path == ("meta-data",) and key == "public-keys" and isinstance(child, dict):
+                node[key] = self._public_keys(child, tree)
+            elif child_path in _EC2_JSON_LEAVES and isinstance(child, (dict, list)):
+                node[key] = aws_json(child)
+            elif isinstance(child, dict):
+                node[key] = self._compile_dir(child, child_path, tree)
+            elif isinstance(child, list):
+                node[key] = "\n".join(self._scalar(v, child_path) for v in child)
+            else:
+                node[key] = self._scalar(child, child_path)
+        return node
+
+    @staticmethod
+    def _scalar(value, path):
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, (int, float, str)):
+            return str(value)
+        raise ConfigError("ec2 document: %s holds a %s where text was expected"
+                          % ("/".join(path), type(value).__name__))
+
+    def _public_keys(self, keys, tree):
+        # Document shape {"my-key": "ssh-rsa ..."}; served as the listing "0=my-key" and the
+        # directory public-keys/0/openssh-key (spec §3.4).
+        node = {}
+        tree.public_keys = []
+        for index, (name, material) in enumerate(keys.items()):
+            node[str(index)] = {"openssh-key": str(material)}
+            tree.public_keys.append((str(index), str(name)))
+        return node
+
+    @staticmethod
+    def _user_data(value):
+        if value is None:
+            return None
+        if isinstance(value, dict) and "base64" in value:
+            try:
+                return base64.b64decode(value["base64"], validate=True)
+            except (ValueError, TypeError):
+                raise ConfigError('"ec2"."user-data"."base64" is not valid base64')
+        if isinstance(value, str):
+            return value.encode("utf-8")
+        raise ConfigError('"ec2"."user-data" must be text or {"base64": "..."}')
+
+    def _identity_document(self, tree, meta, section):
+        placement = meta.get("placement") or {}
+        instance_type = str(meta.get("instance-type", ""))
+        architecture = "arm64" if re.match(r"^[a-z]+\d+[a-z]*g[a-z]*\.", instance_type) \
+            else "x86_64"
+        # Key order as in real captures (spec §3.5); nulls stay JSON null (spec §9.12).
+        document = collections.OrderedDict((
+            ("accountId", tree.account_id),
+            ("architecture", architecture),
+            ("availabilityZone", placement.get("availability-zone")),
+            ("billingProducts", None),
+            ("devpayProductCodes", None),
+            ("marketplaceProductCodes", None),
+            ("imageId", meta.get("ami-id")),
+            ("instanceId", meta.get("instance-id")),
+            ("instanceType", instance_type),
+            ("kernelId", meta.get("kernel-id")),
+            ("pendingTime", _ec2_time(tree.started_at)),
+            ("privateIp", meta.get("local-ipv4")),
+            ("ramdiskId", meta.get("ramdisk-id")),
+            ("region", tree.region),
+            ("version", "2017-09-30"),
+        ))
+        given = ((section.get("dynamic") or {}).get("instance-identity") or {}).get("document")
+        if isinstance(given, dict):
+            document.update(given)
+        elif isinstance(given, str):
+            return given.encode("utf-8")
+        return aws_json(document).encode("utf-8")
+
+    def _identity_signatures(self, tree):
+        """(signature, rsa2048) for the tree's identity document, signed by the server key."""
+        key = self.server.signing_key.get()
+        cache_key = (id(key), tree.identity_document)
+        with self._identity_guard:
+            cached = self._identity_cache.get(cache_key)
+            if cached is None:
+                certificate = self.certificate_der(key)
+                signature = base64.b64encode(key.sign(tree.identity_document)).decode("ascii")
+                signed = pkcs7_signed_data(tree.identity_document, key, certificate)
+                cached = (_wrap64(signature), _wrap64(base64.b64encode(signed).decode("ascii")))
+                self._identity_cache = {cache_key: cached}
+            return cached
+
+    def certificate_der(self, key=None):
+        key = key or self.server.signing_key.get()
+        current = self._certificate
+        if current is None or current[0] is not key:
+            current = self._certificate = (
+                key, x509_self_signed(key, "mds emulated EC2 instance identity"))
+        return current[1]
+
+    # -- roles and credentials ----------------------------------------------------------------
+
+    def _sync_providers(self, tree):
+        wanted = {}
+        for name, spec in tree.roles.items():
+            wanted[(name, json.dumps(spec, sort_keys=True))] = (name, spec)
+        with self._providers_guard:
+            stale = [k for k in self._providers if k not in wanted]
+            for key in stale:
+                self._providers.pop(key).stop()
+            for key, (name, spec) in wanted.items():
+                if key not in self._providers:
+                    provider = self._build_provider(name, spec, tree)
+                    self._providers[key] = provider
+                    # Providers that fetch upstream start at once, so the first client never
+                    # waits for STS; start() does not block here.
+                    if isinstance(provider, AssumeRoleCredentials):
+                        provider.start(wait=0)
+        tree.providers = {name: self._providers[key] for key, (name, _) in wanted.items()}
+
+    def _build_provider(self, name, spec, tree):
+        source = spec["source"]
+        if source == "offline":
+            return OfflineRoleCredentials(name)
+        profile = spec.get("aws_profile")
+
+        def load_keys():
+            return resolve_aws_source_keys(profile)
+
+        if source == "static":
+            return StaticRoleCredentials(load_keys)
+        region = spec.get("sts_region") or spec.get("region") or resolve_aws_region(profile)
+        return AssumeRoleCredentials(
+            spec["role_arn"], load_keys, region=region, endpoint=spec.get("sts_endpoint"),
+            session_name=spec.get("role_session_name") or "mds-" + name[:58],
+            duration=int(spec.get("duration", 3600)), external_id=spec.get("external_id"),
+            refresh_margin=float(spec.get("refresh_margin", 1800)),
+            retry_delay=float(spec.get("retry_delay", 5)), should_stop=self._stopping)
+
+    def role_for_client(self, tree, client_ip):
+        """The role a client sees: the most specific "clients" entry, else the default."""
+        try:
+            address = ipaddress.ip_address(client_ip.split("%", 1)[0])
+        except ValueError:
+            return tree.default_role
+        if getattr(address, "ipv4_mapped", None):
+            address = address.ipv4_mapped
+        for network, role in tree.client_roles:
+            if address.version == network.version and address in network:
+                return role
+        return tree.default_role
+
+    def role_arn(self, tree, role):
+        spec = tree.roles.get(role) or {}
+        return spec.get("role_arn") or "arn:aws:iam::%s:role/%s" % (tree.account_id, role)
+
+    def role_credentials(self, tree, role):
+        """The role's credential dict (epoch times); raises CredentialError."""
+        provider = tree.providers.get(role)
+        if provider is None:
+            raise CredentialError("role %s has no credential provider" % role, status=500)
+        return provider.credentials()
+
+    def _log_credential_error(self, role, error):
+        now = time.time()
+        message = str(error)
+        last = self._error_log.get(role)
+        if last is None or last[0] != message or now - last[1] > 60:
+            self._error_log[role] = (message, now)
+            _ec2_log.warning("credentials for role %s unavailable: %s", role, message)
+
+    def _credentials_document(self, tree, role):
+        try:
+            creds = self.role_credentials(tree, role)
+        except CredentialError as error:
+            self._log_credential_error(role, error)
+            # Real IMDS answers 200 with a JSON error (spec §4 "Error form"): botocore logs it
+            # and yields no credentials, Go rejects a Code other than Success.
+            return aws_json(collections.OrderedDict((
+                ("Code", "AssumeRoleUnauthorizedAccess"),
+                ("Message", "mds cannot provide credentials for role %s: %s" % (role, error)),
+                ("LastUpdated", _ec2_time(time.time())),
+            )))
+        return aws_json(collections.OrderedDict((
+            ("Code", "Success"),
+            ("LastUpdated", _ec2_time(creds["LastUpdated"])),
+            ("Type", "AWS-HMAC"),
+            ("AccessKeyId", creds["AccessKeyId"]),
+            ("SecretAccessKey", creds["SecretAccessKey"]),
+            ("Token", creds["Token"]),
+            ("Expiration", _ec2_time(creds["Expiration"])),
+        )))
+
+    def _iam_info(self, tree, role):
+        spec = tree.roles.get(role) or {}
+        account = tree.account_id
+        if spec.get("role_arn"):
+            account = spec["role_arn"].split(":")[4]
+        # The instance profile is named after the role: ec2-metadata derives the role name
+        # from the ARN's last segment (spec §4, §9.10).
+        return aws_json(collections.OrderedDict((
+            ("Code", "Success"),
+            ("LastUpdated", _ec2_time(tree.started_at)),
+            ("InstanceProfileArn", "arn:aws:iam::%s:instance-profile/%s" % (account, role)),
+            ("InstanceProfileId", "AIPA" + _stable_id(account + "/" + role, 17,
+                                                      "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567")),
+        )))
+
+    # -- per-request view of the tree -------------------------------------------------------
+
+    def _meta_view(self, tree, role, now):
+        root = dict(tree.meta)
+        if role is not None:
+            root["iam"] = {
+                "info": _Computed(lambda: self._iam_info(tree, role)),
+                "security-credentials": {
+                    role: _Computed(lambda: self._credentials_document(tree, role))},
+            }
+        identity = self._identity_credentials
+        account = tree.account_id
+        root["identity-credentials"] = {"ec2": {
+            "info": aws_json(collections.OrderedDict((
+                ("Code", "Success"), ("LastUpdated", _ec2_time(tree.started_at)),
+                ("AccountId", account)))),
+            "security-credentials": {"ec2-instance": _Computed(
+                lambda: self._identity_credentials_document(identity))},
+        }}
+        events = tree.events
+        spot = events.get("spot")
+        if spot and now >= spot[0]:
+            root["spot"] = {
+                "instance-action": json.dumps({"action": spot[1],
+                                               "time": _ec2_time(spot[2])}),
+                "termination-time": _ec2_time(spot[2]),
+            }
+        rebalance = events.get("rebalance")
+        scheduled = [entry for at, entry in events.get("maintenance", []) if now >= at]
+        ev = dict(root.get("events") or {})
+        maintenance = dict(ev.get("maintenance") or {})
+        # Listed as in the docs, but 404 while there is nothing to report: real IMDS was seen
+        # answering 404 for scheduled with no events (spec §3.4); [] would be a guess.
+        for name in ("history", "scheduled"):
+            maintenance.setdefault(name, _Computed(lambda: None))
+        if scheduled:
+            maintenance["scheduled"] = aws_json(scheduled)
+        ev["maintenance"] = maintenance
+        if rebalance is not None and now >= rebalance:
+            ev["recommendations"] = {"rebalance": json.dumps(
+                {"noticeTime": _ec2_time(rebalance)})}
+        root["events"] = ev
+        lifecycle = events.get("autoscaling")
+        if lifecycle:
+            root["autoscaling"] = {"target-lifecycle-state":
+                                   lifecycle[2] if now >= lifecycle[0] else lifecycle[1]}
+        return root
+
+    def _identity_credentials_document(self, provider):
+        creds = provider.credentials()
+        return aws_json(collections.OrderedDict((
+            ("Code", "Success"), ("LastUpdated", _ec2_time(creds["LastUpdated"])),
+            ("Type", "AWS-HMAC"), ("AccessKeyId", creds["AccessKeyId"]),
+            ("SecretAccessKey", creds["SecretAccessKey"]), ("Token", creds["Token"]),
+            ("Expiration", _ec2_time(creds["Expiration"])))))
+
+    # -- IMDSv2 session tokens --------------------------------------------------------------
+
+    def _mint_token(self, ttl):
+        # Stateless: version, expiry (ms), nonce and a MAC, so that no token table grows and
+        # tokens outlive config reloads. 40 bytes -> 56 URL-safe base64 characters like EC2's.
+        expiry_ms = int((time.time() + ttl) * 1000)
+        payload = b"\x01\x00\x00\x00" + expiry_ms.to_bytes(6, "big") + secrets.token_bytes(6)
+        mac = hmac.new(self._token_key, payload, hashlib.sha256).digest()[:24]
+        return base64.urlsafe_b64encode(payload + mac).decode("ascii")
+
+    def _token_remaining(self, token):
+        """Seconds a token has left, or None if it is unknown, forged or expired."""
+        try:
+            raw = base64.urlsafe_b64decode(token.strip().encode("ascii"))
+        except (ValueError, UnicodeEncodeError):
+            return None
+        if len(raw) != 40:
+            return None
+        payload, mac = raw[:16], raw[16:]
+        expected = hmac.new(self._token_key, payload, hashlib.sha256).digest()[:24]
+        if not hmac.compare_digest(mac, expected):
+            return None
+        remaining = int.from_bytes(payload[4:10], "big") / 1000.0 - time.time()
+        return remaining if remaining > 0 else None
+
+    def _token_response(self, request, version):
+        if version != "latest":
+            return ec2_error_response(403)     # versioned token paths are refused (spec §2.1)
+        if request.method == "OPTIONS":
+            # [INFER] the Allow header of the real 405 lists OPTIONS, so it is answered.
+            return Response(200, b"", EC2_TEXT, [("Allow", "OPTIONS, PUT")])
+        if request.method != "PUT":
+            return Response(405, b"", EC2_TEXT, [("Allow", "OPTIONS, PUT")])
+        if request.headers.get("X-Forwarded-For") is not None:
+            return ec2_error_response(403)
+        ttl_text = (request.headers.get(TOKEN_TTL_HEADER) or "").strip()
+        if not re.match(r"^\d{1,6}$", ttl_text) or not 1 <= int(ttl_text) <= MAX_TOKEN_TTL:
+            return ec2_error_response(400)
+        ttl = int(ttl_text)
+        return Response(200, self._mint_token(ttl), EC2_TEXT, [(TOKEN_TTL_HEADER, str(ttl))])
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def respond(self, request):
+        tree = self.server.store.tree
+        path = request.path
+        if path.startswith("/mds/"):
+            return self._mds_endpoint(request, tree, path)
+        if path == tree.ecs_path:
+            return self._ecs_response(request, tree)
+        segments = [urllib.parse.unquote(s) for s in path.split("/") if s]
+        if segments and segments[0] not in EC2_API_VERSIONS:
+            return ec2_error_response(404)
+        if segments[1:] == ["api", "token"]:
+            return self._token_response(request, segments[0])
+        if request.method not in ("GET", "HEAD"):
+            return Response(405, b"", EC2_TEXT, [("Allow", "GET, HEAD")])
+        headers = []
+        token = request.headers.get(TOKEN_HEADER)
+        if token is not None:
+            if request.headers.get("X-Forwarded-For") is not None:
+                return ec2_error_response(403)
+            remaining = self._token_remaining(token)
+            if remaining is None:
+                return ec2_error_response(401)
+            headers.append((TOKEN_TTL_RESPONSE_HEADER, str(max(1, int(remaining)))))
+        elif tree.imdsv2_required:
+            return ec2_error_response(401)
+        if not segments:
+            return self._text("\n".join(EC2_API_VERSIONS), headers)
+        return self._serve(request, tree, segments[1:], headers)
+
+    def _text(self, text, headers, content_type=EC2_TEXT):
+        return Response(200, text, content_type, headers)
+
+    def _serve(self, request, tree, segments, headers):
+        if not segments:
+            entries = ["dynamic", "meta-data"] + (["user-data"] if tree.user_data is not None
+                                                  else [])
+            return self._text("\n".join(entries), headers)
+        category, rest = segments[0], segments[1:]
+        if category == "user-data":
+            if tree.user_data is None or rest:
+                return ec2_error_response(404)
+            return Response(200, tree.user_data, EC2_OCTETS, headers)
+        if category == "meta-data":
+            role = self.role_for_client(tree, request.client_ip)
+            root = self._meta_view(tree, role, time.time())
+        elif category == "dynamic":
+            root = tree.dynamic
+        else:
+            return ec2_error_response(404)
+        node = root
+        for segment in rest:
+            if not isinstance(node, dict) or segment not in node:
+                return ec2_error_response(404)
+            node = node[segment]
+        if isinstance(node, dict):
+            return self._text(self._listing(node, category, rest, tree), headers)
+        if isinstance(node, _Computed):
+            try:
+                body = node.render()
+            except CredentialError as error:
+                _ec2_log.warning("cannot serve %s: %s", request.path, error)
+                return Response(error.status if error.status >= 500 else 500,
+                                b"", EC2_TEXT, headers)
+            if body is None:
+                return ec2_error_response(404)
+            return Response(200, body, node.content_type, headers)
+        return self._text(node, headers)
+
+    @staticmethod
+    def _listing(node, category, rest, tree):
+        if category == "meta-data" and rest == ["public-keys"]:
+            return "\n".join("%s=%s" % pair for pair in tree.public_keys)
+        return "\n".join(name + "/" if isinstance(child, dict) else name
+                         for name, child in sorted(node.items()))
+
+    # -- mds's own endpoints ------------------------------------------------------------------
+
+    def _mds_endpoint(self, request, tree, path):
+        if path == tree.ecs_path:
+            return self._ecs_response(request, tree)
+        if path == EC2_CERTIFICATE_PATH and request.method in ("GET", "HEAD"):
+            try:
+                certificate = self.certificate_der()
+            except CredentialError as error:
+                return Response(error.status, "%s\n" % error, "text/plain; charset=utf-8")
+            return Response(200, pem_encode("CERTIFICATE", certificate),
+                            "application/x-pem-file")
+        return ec2_error_response(404)
+
+    def _ecs_response(self, request, tree):
+        """ECS/EKS container credentials (spec §8): same role credentials, JSON, optional token."""
+        def error(status, code, message):
+            return Response(status, json.dumps({"Code": code, "Message": message}),
+                            "application/json")
+
+        if request.method not in ("GET", "HEAD"):
+            return error(405, "MethodNotAllowed", "use GET")
+        if tree.ecs_auth_token is not None:
+            given = request.headers.get("Authorization")
+            if given is None:
+                return error(401, "AccessDenied", "missing Authorization header")
+            if not hmac.compare_digest(given.encode("utf-8"),
+                                       tree.ecs_auth_token.encode("utf-8")):
+                return error(403, "AccessDenied", "Authorization token does not match")
+        role = self.role_for_client(tree, request.client_ip)
+        if role is None:
+            return error(404, "NoRole", "no role is configured for %s" % request.client_ip)
+        try:
+            creds = self.role_credentials(tree, role)
+        except CredentialError as failure:
+            self._log_credential_error(role, failure)
+            return error(502 if failure.status >= 500 else failure.status,
+                         "CredentialsUnavailable", str(failure))
+        arn = self.role_arn(tree, role)
+        return Response(200, json.dumps(collections.OrderedDict((
+            ("AccessKeyId", creds["AccessKeyId"]),
+            ("SecretAccessKey", creds["SecretAccessKey"]),
+            ("Token", creds["Token"]),
+            ("Expiration", _ec2_time(creds["Expiration"])),
+            ("RoleArn", arn),
+            ("AccountId", arn.split(":")[4]),
+        ))), "application/json")
+
+    # -- what the server tells users --------------------------------------------------------
+
+    def client_env(self):
+        """Variables that point AWS SDKs at this server's IMDS."""
+        return {"AWS_EC2_METADATA_SERVICE_ENDPOINT": self.server.url + "/"}
+
+    def ecs_env(self):
+        """Variables for the ECS container-credentials endpoint (instead of IMDS)."""
+        tree = self.server.store.tree
+        env = {"AWS_CONTAINER_CREDENTIALS_FULL_URI": self.server.url + tree.ecs_path}
+        if tree.ecs_auth_token:
+            env["AWS_CONTAINER_AUTHORIZATION_TOKEN"] = tree.ecs_auth_token
+        return env
+
+    def schedule_event(self, kind, delay=0.0, **fields):
+        """Make an event ("spot", "rebalance", "autoscaling", "maintenance") due in `delay` s."""
+        spec = dict(fields, at=time.time() + float(delay))
+        if kind == "maintenance":
+            document = self.server.store.document
+            current = (((document.get("mds") or {}).get("ec2") or {}).get("events") or {})
+            existing = current.get("maintenance") or []
+            spec = (existing if isinstance(existing, list) else [existing]) + [spec]
+        self.server.update("mds/ec2/events/" + kind, spec)
+
+    def startup_lines(self):
+        """Lines for the startup log (no secrets)."""
+        tree = self.server.store.tree
+        url = self.server.url
+        lines = ["EC2 IMDS: IMDSv2 %s; region %s; instance %s"
+                 % ("required" if tree.imdsv2_required else "optional (v1 allowed)",
+                    tree.region, tree.meta.get("instance-id"))]
+        for name, provider in sorted(tree.providers.items()):
+            lines.append("role %s%s: %s" % (name, " (default)" if name == tree.default_role
+                                            else "", provider.describe()))
+        for network, role in tree.client_roles:
+            lines.append("clients %s -> role %s" % (network, role))
+        lines.append("instance identity documents verify against %s%s"
+                     % (url, EC2_CERTIFICATE_PATH))
+        lines.append("ECS credentials: export AWS_CONTAINER_CREDENTIALS_FULL_URI=%s%s%s"
+                     % (url, tree.ecs_path, " (plus AWS_CONTAINER_AUTHORIZATION_TOKEN)"
+                        if tree.ecs_auth_token else ""))
+        for kind, value in sorted(tree.events.items()):
+            if kind == "maintenance":
+                for at, entry in value:
+                    lines.append("event maintenance %s visible at %s" % (entry["Code"],
+                                                                         _ec2_time(at)))
+            elif value:
+                at = value[0] if isinstance(value, tuple) else value
+                lines.append("event %s at %s" % (kind, _ec2_time(at)))
+        return lines
+
+
+def _wrap64(text):
+    return "\n".join(text[i:i + 64] for i in range(0, len(text), 64))
+
+
+def add_ec2_arguments(parser):
+    """Add the EC2 flavor's options to the CLI parser (read back by ec2_options_from_args)."""
+    group = parser.add_argument_group("EC2 flavor (--flavor ec2)")
+    group.add_argument("--imdsv2-required", action="store_true",
+                       help="reject requests without an IMDSv2 session token (401)")
+    group.add_argument("--role-name", metavar="NAME",
+                       help="name of the instance's role (default %s, or the last part of "
+                            "--role-arn)" % DEFAULT_ROLE_NAME)
+    group.add_argument("--role-arn", metavar="ARN",
+                       help="serve real credentials from STS AssumeRole of this role, signed "
+                            "with the server's own AWS keys (environment or --aws-profile)")
+    group.add_argument("--sts-endpoint", metavar="URL",
+                       help="STS endpoint for --role-arn (default: the regional endpoint)")
+    group.add_argument("--sts-region", metavar="REGION",
+                       help="region for STS (default AWS_REGION, AWS_DEFAULT_REGION or the "
+                            "profile's region; none means the global endpoint)")
+    group.add_argument("--external-id", metavar="ID", help="ExternalId for --role-arn")
+    group.add_argument("--aws-profile", metavar="PROFILE",
+                       help="profile in ~/.aws/credentials / ~/.aws/config holding the "
+                            "server's keys; without --role-arn they are served as the role's")
+    group.add_argument("--static-credentials", action="store_true",
+                       help="serve the server's AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/"
+                            "AWS_SESSION_TOKEN as the role's credentials")
+    group.add_argument("--spot-interruption-after", metavar="DURATION", type=parse_duration,
+                       help="publish a spot interruption notice this long after startup "
+                            "(e.g. 2m); the action time is 2 minutes later")
+    group.add_argument("--rebalance-after", metavar="DURATION", type=parse_duration,
+                       help="publish a rebalance recommendation this long after startup")
+    group.add_argument("--ecs-auth-token", metavar="TOKEN",
+                       help="require this Authorization value on the ECS credentials "
+                            "endpoint %s" % ECS_CREDENTIALS_PATH)
+    return group
+
+
+def ec2_options_from_args(args):
+    """The MetadataServer `options` dict for the EC2 flag values in an argparse namespace."""
+    names = ("imdsv2_required", "role_name", "role_arn", "sts_endpoint", "sts_region",
+             "external_id", "aws_profile", "static_credentials", "spot_interruption_after",
+             "rebalance_after", "ecs_auth_token")
+    return {name: getattr(args, name) for name in names
+            if getattr(args, name, None) not in (None, False)}
 
 
 # ---- credential sources and the token cache --------------------------------------------------
@@ -1098,6 +2202,1816 @@ class SigningKey:
         return self._key
 
 
+# -- Google credential sources: key file (JWT-bearer or self-signed), impersonation, workload
+#    identity federation, static tokens.  Sources never cache; the TokenCache does.  No token,
+#    assertion or key ever reaches a log line or an error message: upstream text goes through
+#    `_redact` before it is quoted.
+
+CREDS_LOG = logging.getLogger("mds.credentials")
+
+GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
+GOOGLE_IAM_CREDENTIALS_URL = "https://iamcredentials.googleapis.com"
+GOOGLE_ID_TOKEN_ISSUER = "https://accounts.google.com"
+CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+# Google refuses JWT-bearer assertions whose exp - iat exceeds one hour.
+ASSERTION_LIFETIME = 3600
+SELF_SIGNED_LIFETIME = 3600
+GOOGLE_EXTRA_HINT = 'pip install "mds[google]"'
+
+# Upstream statuses worth another try: Google's token and IAM endpoints document 429/5xx as
+# transient. Everything else (400 invalid_grant, 401, 403, 404) will not improve by retrying.
+_TRANSIENT_STATUSES = (408, 429, 500, 502, 503, 504)
+
+# Anything that looks like a credential is masked before upstream text is quoted: JWTs
+# (assertions, id tokens), OAuth access tokens (ya29./1//), PEM blocks, and long opaque blobs.
+_SECRET_PATTERNS = (
+    re.compile(r"-----BEGIN [A-Z ]+-----.*?(-----END [A-Z ]+-----|$)", re.S),
+    re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.?[A-Za-z0-9_-]*"),
+    re.compile(r"\b(ya29|1//)[A-Za-z0-9._~+/=-]+"),
+    re.compile(r"[A-Za-z0-9_~+/=-]{40,}"),
+)
+
+
+def _redact(text, limit=300):
+    """Upstream text made safe to quote: secrets masked, length bounded."""
+    text = str(text)
+    for pattern in _SECRET_PATTERNS:
+        text = pattern.sub("[redacted]", text)
+    text = " ".join(text.split())
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return text
+
+
+def _jwt_claims_unverified(token):
+    """Claims of a compact JWS without checking the signature (only to read `exp`)."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise ValueError("not a JWT")
+    payload = parts[1] + "=" * (-len(parts[1]) % 4)
+    claims = json.loads(base64.urlsafe_b64decode(payload.encode("ascii")).decode("utf-8"))
+    if not isinstance(claims, dict):
+        raise ValueError("JWT payload is not an object")
+    return claims
+
+
+def _jwt_expiry(token, fallback):
+    """The numeric `exp` of a JWT, or `fallback` when the token is not a JWT with one."""
+    try:
+        exp = _jwt_claims_unverified(token).get("exp")
+    except (ValueError, UnicodeDecodeError, TypeError):
+        return fallback
+    if isinstance(exp, (int, float)) and not isinstance(exp, bool):
+        return float(exp)
+    return fallback
+
+
+def _url_host(url):
+    """scheme://host[:port] of a URL: enough to name an endpoint in an error, no query."""
+    parts = urllib.parse.urlsplit(url)
+    return "%s://%s%s" % (parts.scheme, parts.netloc, parts.path)
+
+
+def _describe_upstream_error(status, body):
+    """One line naming Google's error from an OAuth ({"error","error_description"}) or a
+    Google API ({"error": {"code","status","message"}}) error body."""
+    try:
+        document = json.loads(body.decode("utf-8", "replace") if isinstance(body, bytes) else body)
+    except (ValueError, TypeError):
+        document = None
+    if isinstance(document, dict):
+        error = document.get("error")
+        if isinstance(error, dict):
+            words = [str(error.get(k)) for k in ("status", "message") if error.get(k)]
+            if words:
+                return "HTTP %d: %s" % (status, _redact(": ".join(words)))
+        elif isinstance(error, str):
+            description = document.get("error_description")
+            if isinstance(description, str) and description:
+                return "HTTP %d: %s: %s" % (status, _redact(error), _redact(description))
+            return "HTTP %d: %s" % (status, _redact(error))
+    return "HTTP %d" % status
+
+
+def _status_for_upstream(status):
+    """Status the metadata server answers when Google refused a token.
+
+    Google's 4xx for a token request (invalid_grant, unauthorized_client, PERMISSION_DENIED,
+    NOT_FOUND) means "this token cannot be issued", which the real metadata server reports as
+    403 (spec §9.6); answering 400/401/404 would tell the client *its* request was wrong or
+    the account does not exist. 5xx, 429 and network failures stay 502 (a 5xx, so Go's
+    metadata client retries).
+    """
+    if 400 <= status < 500 and status not in (408, 429):
+        return 403
+    return 502
+
+
+def google_post(url, what, form=None, json_body=None, bearer=None, timeout=10.0,
+                retry_delays=(0.25, 1.0)):
+    """POST to a Google endpoint and return the decoded JSON answer.
+
+    Transient failures (connection errors, timeouts, 408/429/5xx) are retried after each
+    delay in `retry_delays` (short and bounded: a metadata client is waiting). Every failure
+    ends as a CredentialError naming `what`, the endpoint and Google's error, never the
+    request body (it carries the assertion or a bearer token).
+    """
+    if form is not None:
+        data = urllib.parse.urlencode(form).encode("ascii")
+        content_type = "application/x-www-form-urlencoded"
+    else:
+        data = json.dumps(json_body if json_body is not None else {}).encode("utf-8")
+        content_type = "application/json"
+    headers = {"Content-Type": content_type, "Accept": "application/json",
+               "User-Agent": "mds-metadata-emulator"}
+    if bearer:
+        headers["Authorization"] = "Bearer " + bearer
+    endpoint = _url_host(url)
+    attempts = len(retry_delays) + 1
+    for attempt in range(attempts):
+        try:
+            request = urllib.request.Request(url, data=data, headers=headers, method="POST")
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                body = response.read()
+            try:
+                answer = json.loads(body.decode("utf-8"))
+            except ValueError:
+                raise CredentialError("%s: %s answered something that is not JSON"
+                                      % (what, endpoint), status=502) from None
+            if not isinstance(answer, dict):
+                raise CredentialError("%s: %s answered an unexpected JSON document"
+                                      % (what, endpoint), status=502)
+            return answer
+        except urllib.error.HTTPError as exc:
+            body = exc.read() if exc.fp is not None else b""
+            cause = _describe_upstream_error(exc.code, body)
+            transient = exc.code in _TRANSIENT_STATUSES
+            status = _status_for_upstream(exc.code)
+        except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            cause = "network error: %s" % _redact(reason)
+            transient = True
+            status = 502
+        except http.client.HTTPException as exc:
+            cause = "network error: %s" % type(exc).__name__
+            transient = True
+            status = 502
+        if not transient or attempt == attempts - 1:
+            raise CredentialError("%s: %s failed (%s)" % (what, endpoint, cause), status=status)
+        delay = retry_delays[attempt] * (0.75 + random.random() / 2)
+        CREDS_LOG.warning("%s: %s failed (%s); retrying in %.2fs", what, endpoint, cause, delay)
+        time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _scope_string(scopes):
+    """Space-joined scopes; cloud-platform when none were asked for, because every Google
+    token grant needs at least one scope and cloud-platform is what `gcloud` users expect."""
+    scopes = [s for s in (scopes or ()) if s]
+    return " ".join(scopes) if scopes else CLOUD_PLATFORM_SCOPE
+
+
+def _load_json_config(source, what):
+    """A JSON object given inline (dict) or as a file path; errors name the file, never its
+    content."""
+    if isinstance(source, dict):
+        return dict(source), None
+    path = os.fspath(source)
+    try:
+        with open(path, "r", encoding="utf-8") as handle:
+            document = json.load(handle)
+    except OSError as exc:
+        raise CredentialError("cannot read %s %s: %s" % (what, path, exc.strerror or exc),
+                              status=500) from None
+    except ValueError:
+        raise CredentialError("%s %s is not valid JSON" % (what, path), status=500) from None
+    if not isinstance(document, dict):
+        raise CredentialError("%s %s is not a JSON object" % (what, path), status=500)
+    return document, path
+
+
+class KeyFileSource:
+    """Tokens for a service account from its JSON key (or an injected signer such as a TPM key).
+
+    oauth mode (default): signs a JWT-bearer assertion by hand and exchanges it at the key's
+    token_uri for a Google access token, or (with target_audience) a Google-signed id token.
+    self-signed mode: no network at all; access tokens are self-signed JWTs as google-auth
+    makes them (AIP-4111), id tokens are Google-shaped JWTs signed by the service-account key,
+    so they verify against the key's public certificate that Google publishes at
+    https://www.googleapis.com/service_accounts/v1/metadata/x509/<email> - not against
+    Google's own id-token JWKS.
+    """
+
+    honours_scopes = True
+    TOKEN_MODES = ("oauth", "self-signed")
+
+    def __init__(self, key_info, token_mode="oauth", signer=None, self_signed_audience=None,
+                 timeout=10.0, retry_delays=(0.25, 1.0)):
+        if token_mode not in self.TOKEN_MODES:
+            raise CredentialError("unknown token mode %r (expected oauth or self-signed)"
+                                  % (token_mode,), status=500)
+        info, path = _load_json_config(key_info, "service-account key file")
+        origin = path or "service-account key"
+        self.key_file = path
+        key_type = info.get("type")
+        if signer is None and key_type != "service_account":
+            raise CredentialError(
+                "%s is not a service-account key (type is %r, expected \"service_account\")"
+                % (origin, key_type), status=500)
+        self.email = info.get("client_email")
+        if not isinstance(self.email, str) or "@" not in self.email:
+            raise CredentialError("%s has no client_email" % origin, status=500)
+        self.token_uri = info.get("token_uri") or GOOGLE_TOKEN_URI
+        self.project_id = info.get("project_id")
+        # client_id of a key file is the account's numeric unique id: Google puts it in
+        # sub/azp of id tokens, so self-signed id tokens do too.
+        self.unique_id = str(info.get("client_id") or self.email)
+        self.token_mode = token_mode
+        self.self_signed_audience = self_signed_audience
+        self.timeout = timeout
+        self.retry_delays = tuple(retry_delays)
+        if signer is None:
+            pem = info.get("private_key")
+            if not isinstance(pem, str) or not pem.strip():
+                raise CredentialError("%s has no private_key" % origin, status=500)
+            try:
+                signer = RsaKey.from_pem(pem)
+            except KeyFormatError as exc:
+                raise CredentialError("%s: unusable private_key: %s" % (origin, _redact(exc)),
+                                      status=500) from None
+            if info.get("private_key_id"):
+                signer.key_id = info["private_key_id"]
+        self.signer = signer
+        self.key_id = getattr(signer, "key_id", None)
+
+    def describe(self):
+        key = ("key %s" % self.key_id[:12]) if self.key_id else "injected signer"
+        if self.token_mode == "self-signed":
+            return "service account %s (%s, self-signed JWTs, offline)" % (self.email, key)
+        return "service account %s (%s, JWT-bearer grant at %s)" % (
+            self.email, key, _url_host(self.token_uri))
+
+    def _assertion(self, extra_claims):
+        now = int(time.time())
+        claims = {"iss": self.email, "aud": self.token_uri, "iat": now,
+                  "exp": now + ASSERTION_LIFETIME}
+        claims.update(extra_claims)
+        return jwt_encode(claims, self.signer)
+
+    def _grant(self, extra_claims, what):
+        form = {"grant_type": JWT_BEARER_GRANT, "assertion": self._assertion(extra_claims)}
+        return google_post(self.token_uri, what, form=form, timeout=self.timeout,
+                           retry_delays=self.retry_delays)
+
+    def access_token(self, scopes=()):
+        now = time.time()
+        if self.token_mode == "self-signed":
+            return self._self_signed_access_token(scopes)
+        answer = self._grant({"scope": _scope_string(scopes)},
+                             "access token for %s" % self.email)
+        value = answer.get("access_token")
+        if not isinstance(value, str) or not value:
+            raise CredentialError("access token for %s: %s answered without access_token"
+                                  % (self.email, _url_host(self.token_uri)), status=502)
+        expires_in = answer.get("expires_in", 3600)
+        try:
+            expires_in = int(expires_in)
+        except (TypeError, ValueError):
+            expires_in = 3600
+        return Token(value, now + expires_in)
+
+    def _self_signed_access_token(self, scopes):
+        # google-auth's self-signed JWT (service_account._create_self_signed_jwt): iss = sub =
+        # email, iat, exp = iat + 1h, and either a `scope` claim or an `aud` naming one API.
+        # The metadata server cannot know which API the client will call, so `scope` is used
+        # unless an audience was configured for scope-less requests.
+        now = int(time.time())
+        claims = {"iss": self.email, "sub": self.email, "iat": now,
+                  "exp": now + SELF_SIGNED_LIFETIME}
+        wanted = [s for s in (scopes or ()) if s]
+        if wanted or not self.self_signed_audience:
+            claims["scope"] = _scope_string(wanted)
+        else:
+            claims["aud"] = self.self_signed_audience
+        return Token(jwt_encode(claims, self.signer), float(claims["exp"]))
+
+    def id_token(self, audience, fmt="standard", compute_claims=None):
+        if self.token_mode == "self-signed":
+            return self._self_signed_id_token(audience, fmt, compute_claims)
+        # Google's id tokens from the JWT-bearer grant carry no google.compute_engine claim;
+        # format=full cannot be honoured upstream, so compute_claims is ignored here.
+        now = time.time()
+        answer = self._grant({"target_audience": audience}, "id token for %s" % self.email)
+        value = answer.get("id_token")
+        if not isinstance(value, str) or not value:
+            raise CredentialError("id token for %s: %s answered without id_token"
+                                  % (self.email, _url_host(self.token_uri)), status=502)
+        return Token(value, _jwt_expiry(value, now + 3600))
+
+    def _self_signed_id_token(self, audience, fmt, compute_claims):
+        now = int(time.time())
+        claims = {"iss": GOOGLE_ID_TOKEN_ISSUER, "aud": audience, "azp": self.unique_id,
+                  "sub": self.unique_id, "email": self.email, "email_verified": True,
+                  "iat": now, "exp": now + SELF_SIGNED_LIFETIME}
+        if fmt == "full" and compute_claims is not None:
+            claims["google"] = {"compute_engine": compute_claims}
+        return Token(jwt_encode(claims, self.signer), float(claims["exp"]))
+
+
+def _import_google_auth(feature):
+    """google.auth, or a CredentialError telling the user which extra to install."""
+    try:
+        import google.auth  # noqa: F401
+        import google.auth.exceptions  # noqa: F401
+        import google.auth.impersonated_credentials  # noqa: F401
+        import google.auth.transport  # noqa: F401
+    except ImportError:
+        raise CredentialError("%s needs the google extra: %s" % (feature, GOOGLE_EXTRA_HINT),
+                              status=500) from None
+    return google.auth
+
+
+class _GoogleAuthResponse:
+    """Response in the shape google-auth transports return (status, headers, data)."""
+
+    def __init__(self, status, headers, data):
+        self.status = status
+        self.headers = headers
+        self.data = data
+
+
+class GoogleAuthTransport:
+    """A google-auth `transport.Request` built on urllib, so the google extra needs no
+    `requests`. It also remembers the last refused answer, because google-auth's exceptions
+    carry the body but not the status we need to choose 403 vs 502."""
+
+    def __init__(self, timeout=10.0):
+        self.timeout = timeout
+        self.last_error_status = None
+        self.last_error_body = b""
+
+    def __call__(self, url, method="GET", body=None, headers=None, timeout=None, **kwargs):
+        import google.auth.exceptions
+
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        request = urllib.request.Request(url, data=body, headers=dict(headers or {}),
+                                         method=method)
+        wait = min(timeout or self.timeout, self.timeout)
+        try:
+            with urllib.request.urlopen(request, timeout=wait) as response:
+                return _GoogleAuthResponse(response.status, dict(response.headers.items()),
+                                           response.read())
+        except urllib.error.HTTPError as exc:
+            data = exc.read() if exc.fp is not None else b""
+            self.last_error_status = exc.code
+            self.last_error_body = data
+            return _GoogleAuthResponse(exc.code, dict(exc.headers.items()), data)
+        except Exception as exc:  # urllib raises a zoo of OSError/HTTPException subclasses
+            self.last_error_status = None
+            raise google.auth.exceptions.TransportError("network error reaching %s: %s" % (
+                _url_host(url), _redact(getattr(exc, "reason", exc))))
+
+
+def _run_google_auth(action, what, timeout, retry_delays):
+    """Run `action(transport)` (a google-auth refresh), retrying transient failures and
+    turning google-auth's exceptions into CredentialError without quoting secrets."""
+    import google.auth.exceptions
+
+    attempts = len(retry_delays) + 1
+    for attempt in range(attempts):
+        transport = GoogleAuthTransport(timeout)
+        try:
+            return action(transport)
+        except CredentialError:
+            raise
+        except google.auth.exceptions.GoogleAuthError as exc:
+            if transport.last_error_status is not None:
+                # Google answered with an error status: its JSON body names the cause.
+                cause = _describe_upstream_error(transport.last_error_status,
+                                                 transport.last_error_body)
+                transient = transport.last_error_status in _TRANSIENT_STATUSES
+                status = _status_for_upstream(transport.last_error_status)
+            elif isinstance(exc, google.auth.exceptions.TransportError):
+                cause = _redact(exc)
+                transient = True
+                status = 502
+            else:
+                # Refused before any HTTP answer: configuration (unreadable subject-token
+                # file, executables not allowed, ...). Retrying cannot help.
+                raise CredentialError("%s failed: %s" % (what, _redact(exc)),
+                                      status=502) from None
+        if not transient or attempt == attempts - 1:
+            raise CredentialError("%s failed (%s)" % (what, cause), status=status)
+        delay = retry_delays[attempt] * (0.75 + random.random() / 2)
+        CREDS_LOG.warning("%s failed (%s); retrying in %.2fs", what, cause, delay)
+        time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _datetime_to_epoch(moment):
+    """google-auth expiries are naive UTC datetimes."""
+    if moment is None:
+        return time.time() + 3600
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+    return float(calendar.timegm(moment.timetuple()))
+
+
+def _iam_account_url(iam_base, email, method):
+    return "%s/v1/projects/-/serviceAccounts/%s:%s" % (
+        iam_base.rstrip("/"), urllib.parse.quote(email, safe="@"), method)
+
+
+def _iam_delegates(delegates):
+    # generateIdToken wants delegates as resource names; a bare e-mail is accepted on input.
+    return [d if d.startswith("projects/") else "projects/-/serviceAccounts/" + d
+            for d in delegates]
+
+
+def _generate_id_token(iam_url, bearer, audience, delegates, what, timeout, retry_delays):
+    """IAM Credentials generateIdToken: the same call google-auth's IDTokenCredentials makes.
+
+    Made directly because IDTokenCredentials hard-codes the https IAM host (it has no
+    iam_endpoint_override, so regional/private endpoints and local tests cannot reach it),
+    needs `requests`, and its AuthorizedSession starts background regional-access-boundary
+    lookups at iamcredentials.googleapis.com.
+    """
+    body = {"audience": audience, "includeEmail": True}
+    if delegates:
+        body["delegates"] = _iam_delegates(delegates)
+    now = time.time()
+    answer = google_post(iam_url, what, json_body=body, bearer=bearer, timeout=timeout,
+                         retry_delays=retry_delays)
+    value = answer.get("token")
+    if not isinstance(value, str) or not value:
+        raise CredentialError("%s: %s answered without token" % (what, _url_host(iam_url)),
+                              status=502)
+    return Token(value, _jwt_expiry(value, now + 3600))
+
+
+class ImpersonatedSource:
+    """Tokens for `target_email` minted by the IAM Credentials API on behalf of the user's own
+    Application Default Credentials (`gcloud auth application-default login`), via google-auth.
+
+    `iam_endpoint_override` is the base URL of the IAM Credentials API (default
+    https://iamcredentials.googleapis.com); google-auth's own override wants the full
+    generateAccessToken URL, which is derived from it.
+    """
+
+    honours_scopes = True
+
+    def __init__(self, target_email, delegates=(), source_credentials=None,
+                 iam_endpoint_override=None, source_credentials_file=None, lifetime=3600,
+                 timeout=10.0, retry_delays=(0.25, 1.0)):
+        google_auth = _import_google_auth("impersonation")
+        if not target_email or "@" not in target_email:
+            raise CredentialError("impersonation needs a target service-account e-mail",
+                                  status=500)
+        self.email = target_email
+        self.project_id = None
+        self.delegates = tuple(delegates or ())
+        self.iam_base = (iam_endpoint_override or GOOGLE_IAM_CREDENTIALS_URL).rstrip("/")
+        self.lifetime = int(lifetime)
+        self.timeout = timeout
+        self.retry_delays = tuple(retry_delays)
+        # google-auth credentials objects are not thread-safe; the cache single-flights per
+        # (account, scopes) but two scope sets may refresh at once.
+        self._lock = threading.Lock()
+        if source_credentials is None:
+            source_credentials = self._load_source(google_auth, source_credentials_file)
+        self._source = source_credentials
+
+    @staticmethod
+    def _load_source(google_auth, path):
+        import google.auth.exceptions
+
+        try:
+            if path:
+                with warnings.catch_warnings():
+                    # google-auth warns that a config from an untrusted source could be
+                    # malicious; this path is the operator's own credentials file.
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    credentials, _ = google_auth.load_credentials_from_file(
+                        path, scopes=[CLOUD_PLATFORM_SCOPE])
+            else:
+                credentials, _ = google_auth.default(scopes=[CLOUD_PLATFORM_SCOPE])
+        except google.auth.exceptions.GoogleAuthError as exc:
+            raise CredentialError(
+                "impersonation needs Application Default Credentials (run `gcloud auth "
+                "application-default login`): %s" % _redact(exc), status=500) from None
+        return credentials
+
+    def describe(self):
+        chain = (" via " + ", ".join(self.delegates)) if self.delegates else ""
+        return "impersonating %s%s (IAM Credentials API at %s)" % (self.email, chain,
+                                                                   self.iam_base)
+
+    def access_token(self, scopes=()):
+        import google.auth.impersonated_credentials as impersonated
+
+        wanted = [s for s in (scopes or ()) if s] or [CLOUD_PLATFORM_SCOPE]
+
+        def refresh(transport):
+            # impersonated.Credentials works on a copy of its source credentials; refreshing
+            # the shared source first lets every mint reuse one source access token.
+            if not self._source.valid:
+                self._source.refresh(transport)
+            credentials = impersonated.Credentials(
+                source_credentials=self._source, target_principal=self.email,
+                target_scopes=wanted, delegates=_iam_delegates(self.delegates),
+                lifetime=self.lifetime,
+                iam_endpoint_override=_iam_account_url(self.iam_base, self.email,
+                                                       "generateAccessToken"))
+            credentials.refresh(transport)
+            return Token(credentials.token, _datetime_to_epoch(credentials.expiry))
+
+        with self._lock:
+            return _run_google_auth(refresh, "impersonating %s" % self.email, self.timeout,
+                                    self.retry_delays)
+
+    def _source_token(self):
+        def refresh(transport):
+            if not self._source.valid:
+                self._source.refresh(transport)
+            return self._source.token
+
+        return _run_google_auth(refresh, "refreshing the source credentials for %s"
+                                % self.email, self.timeout, self.retry_delays)
+
+    def id_token(self, audience, fmt="standard", compute_claims=None):
+        # IAM-issued id tokens are Google-signed; format=full claims cannot be added.
+        with self._lock:
+            bearer = self._source_token()
+        return _generate_id_token(
+            _iam_account_url(self.iam_base, self.email, "generateIdToken"), bearer, audience,
+            self.delegates, "id token for %s" % self.email, self.timeout, self.retry_delays)
+
+
+class FederatedSource:
+    """Tokens from workload identity federation: an external-account configuration
+    (`gcloud iam workload-identity-pools create-cred-config`) whose subject token (file, URL
+    or executable) is exchanged at Google STS, optionally impersonating a service account.
+
+    Identity tokens need a service account: STS tokens for a federated principal cannot
+    mint them, so id_token() works only when impersonation is configured (in the file or via
+    `impersonate_email`) and then calls IAM generateIdToken with the federated token.
+    """
+
+    honours_scopes = True
+
+    def __init__(self, config, impersonate_email=None, iam_endpoint_override=None,
+                 timeout=10.0, retry_delays=(0.25, 1.0)):
+        _import_google_auth("workload identity federation")
+        info, path = _load_json_config(config, "external-account configuration")
+        origin = path or "external-account configuration"
+        if info.get("type") != "external_account":
+            raise CredentialError("%s is not an external-account configuration (type is %r)"
+                                  % (origin, info.get("type")), status=500)
+        if impersonate_email:
+            base = (iam_endpoint_override or self._iam_base_of(info)
+                    or GOOGLE_IAM_CREDENTIALS_URL)
+            info["service_account_impersonation_url"] = _iam_account_url(
+                base, impersonate_email, "generateAccessToken")
+        elif iam_endpoint_override and info.get("service_account_impersonation_url"):
+            info["service_account_impersonation_url"] = _iam_account_url(
+                iam_endpoint_override, self._impersonated_email(info), "generateAccessToken")
+        self.config_file = path
+        self.email = self._impersonated_email(info)
+        self.project_id = None
+        self.audience = info.get("audience")
+        self.timeout = timeout
+        self.retry_delays = tuple(retry_delays)
+        self._info = info
+        self._lock = threading.Lock()
+        self._credentials = self._load(info, origin)
+        self._unimpersonated = None
+
+    @staticmethod
+    def _iam_base_of(info):
+        url = info.get("service_account_impersonation_url")
+        if not url:
+            return None
+        parts = urllib.parse.urlsplit(url)
+        return "%s://%s" % (parts.scheme, parts.netloc)
+
+    @staticmethod
+    def _impersonated_email(info):
+        url = info.get("service_account_impersonation_url") or ""
+        match = re.search(r"/serviceAccounts/([^/:]+):generateAccessToken", url)
+        return urllib.parse.unquote(match.group(1)) if match else None
+
+    @staticmethod
+    def _load(info, origin):
+        # Built per credential-source kind, as google-auth's own loader does, but without
+        # google.auth.load_credentials_from_dict: that one also looks the project up at
+        # cloudresourcemanager.googleapis.com, a network call at startup we do not want.
+        import google.auth.exceptions
+
+        source = info.get("credential_source") or {}
+        try:
+            if str(source.get("environment_id", "")).startswith("aws"):
+                import google.auth.aws as kind
+            elif "executable" in source:
+                import google.auth.pluggable as kind
+            else:
+                import google.auth.identity_pool as kind
+            credentials = kind.Credentials.from_info(info)
+        except (google.auth.exceptions.GoogleAuthError, ValueError) as exc:
+            raise CredentialError("%s cannot be used: %s" % (origin, _redact(exc)),
+                                  status=500) from None
+        return credentials.with_scopes([CLOUD_PLATFORM_SCOPE])
+
+    def describe(self):
+        who = ("impersonating %s" % self.email) if self.email else "federated principal"
+        return "workload identity federation (%s, audience %s)" % (who, self.audience)
+
+    def access_token(self, scopes=()):
+        wanted = [s for s in (scopes or ()) if s] or [CLOUD_PLATFORM_SCOPE]
+        credentials = self._credentials.with_scopes(wanted)
+
+        def refresh(transport):
+            credentials.refresh(transport)
+            return Token(credentials.token, _datetime_to_epoch(credentials.expiry))
+
+        with self._lock:
+            return _run_google_auth(refresh, "federated token%s" % (
+                " for %s" % self.email if self.email else ""), self.timeout, self.retry_delays)
+
+    def id_token(self, audience, fmt="standard", compute_claims=None):
+        if not self.email:
+            raise CredentialError(
+                "identity tokens need a service account to impersonate: a federated "
+                "principal cannot mint them (set service_account_impersonation_url or "
+                "\"impersonate\")", status=403)
+        with self._lock:
+            if self._unimpersonated is None:
+                info = dict(self._info)
+                info.pop("service_account_impersonation_url", None)
+                info.pop("service_account_impersonation", None)
+                self._unimpersonated = self._load(info, "external-account configuration")
+            sts_credentials = self._unimpersonated
+
+            def refresh(transport):
+                if not sts_credentials.valid:
+                    sts_credentials.refresh(transport)
+                return sts_credentials.token
+
+            bearer = _run_google_auth(refresh, "federated token for %s" % self.email,
+                                      self.timeout, self.retry_delays)
+        iam_url = self._info["service_account_impersonation_url"].replace(
+            ":generateAccessToken", ":generateIdToken")
+        return _generate_id_token(iam_url, bearer, audience, (), "id token for %s"
+                                  % self.email, self.timeout, self.retry_delays)
+
+
+class StaticSource:
+    """Fixed tokens given on the command line or in GOOGLE_ACCESS_TOKEN / GOOGLE_ID_TOKEN
+    (the Go emulator's variables). Scopes and audiences are ignored: the token is what it is.
+
+    An access token without `expiry` is reported as valid for another hour on each mint, so
+    clients keep using it; an id token that is a JWT reports its own `exp`.
+    """
+
+    honours_scopes = False
+
+    def __init__(self, access_token=None, id_token=None, expiry=None):
+        self._access_token = access_token or None
+        self._id_token = id_token or None
+        self.expiry = float(expiry) if expiry is not None else None
+        self.email = None
+        self.project_id = None
+
+    def describe(self):
+        kinds = [name for name, value in (("access token", self._access_token),
+                                          ("id token", self._id_token)) if value]
+        return "static %s (scopes and audiences ignored)" % (" and ".join(kinds) or "nothing")
+
+    def access_token(self, scopes=()):
+        if not self._access_token:
+            raise CredentialError("no static access token configured (set GOOGLE_ACCESS_TOKEN "
+                                  "or --access-token)", status=404)
+        expiry = self.expiry if self.expiry is not None else time.time() + 3600
+        if expiry <= time.time():
+            raise CredentialError("the static access token expired at %s" % _utc_text(expiry),
+                                  status=403)
+        return Token(self._access_token, expiry)
+
+    def id_token(self, audience, fmt="standard", compute_claims=None):
+        if not self._id_token:
+            raise CredentialError("no static id token configured (set GOOGLE_ID_TOKEN "
+                                  "or --id-token)", status=404)
+        fallback = self.expiry if self.expiry is not None else time.time() + 3600
+        expiry = _jwt_expiry(self._id_token, fallback)
+        if expiry <= time.time():
+            raise CredentialError("the static id token expired at %s" % _utc_text(expiry),
+                                  status=403)
+        return Token(self._id_token, expiry)
+
+
+def _utc_text(epoch):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def static_source_from_env(environ=None):
+    """StaticSource from GOOGLE_ACCESS_TOKEN / GOOGLE_ID_TOKEN, or None when neither is set.
+    (GOOGLE_PROJECT_ID, GOOGLE_NUMERIC_PROJECT_ID and GOOGLE_SERVICE_ACCOUNT are metadata,
+    handled by the CLI.)"""
+    environ = os.environ if environ is None else environ
+    access_token = environ.get("GOOGLE_ACCESS_TOKEN") or None
+    id_token = environ.get("GOOGLE_ID_TOKEN") or None
+    if not access_token and not id_token:
+        return None
+    return StaticSource(access_token=access_token, id_token=id_token)
+
+
+CREDENTIAL_SOURCE_TYPES = ("key-file", "impersonate", "federate", "static")
+
+
+def build_credential_source(spec, signer=None, account_email=None):
+    """A credential source from a CLI/config spec (one account's "credentials" object):
+
+        {"type": "key-file", "path": "sa.json" | "key": {...}, "token_mode": "oauth"|"self-signed",
+         "self_signed_audience": "https://pubsub.googleapis.com/"}
+        {"type": "impersonate", "target": email, "delegates": [...], "iam_endpoint": url,
+         "source_credentials_file": path}
+        {"type": "federate", "config": path | {...}, "impersonate": email, "iam_endpoint": url}
+        {"type": "static", "access_token": ..., "id_token": ..., "expiry": epoch}
+
+    `signer` (e.g. a TPM key) replaces the key file's private key; then only client_email
+    and token_uri are read from "key" (or "client_email"/"token_uri" in the spec itself).
+    `account_email` is the account the spec is attached to: the impersonation target when
+    the spec names none (`--impersonate` impersonates the config's account).
+    The core's offline source is not built here.
+    """
+    if not isinstance(spec, dict):
+        raise CredentialError("credentials must be a JSON object", status=500)
+    kind = str(spec.get("type", "")).replace("_", "-")
+    retry = {}
+    if "timeout" in spec:
+        retry["timeout"] = float(spec["timeout"])
+    if kind == "key-file":
+        key = spec.get("key") or spec.get("path")
+        if key is None and signer is not None:
+            key = {"client_email": spec.get("client_email"),
+                   "token_uri": spec.get("token_uri"), "project_id": spec.get("project_id")}
+        if key is None:
+            raise CredentialError("key-file credentials need \"path\" (or \"key\")", status=500)
+        return KeyFileSource(key, token_mode=spec.get("token_mode", "oauth"), signer=signer,
+                             self_signed_audience=spec.get("self_signed_audience"), **retry)
+    if kind == "impersonate":
+        return ImpersonatedSource(spec.get("target") or account_email, delegates=spec.get("delegates") or (),
+                                  iam_endpoint_override=spec.get("iam_endpoint"),
+                                  source_credentials_file=spec.get("source_credentials_file"),
+                                  **retry)
+    if kind == "federate":
+        if not spec.get("config"):
+            raise CredentialError("federate credentials need \"config\"", status=500)
+        return FederatedSource(spec["config"], impersonate_email=spec.get("impersonate"),
+                               iam_endpoint_override=spec.get("iam_endpoint"), **retry)
+    if kind == "static":
+        return StaticSource(access_token=spec.get("access_token"),
+                            id_token=spec.get("id_token"), expiry=spec.get("expiry"))
+    raise CredentialError("unknown credentials type %r (expected one of: %s)"
+                          % (spec.get("type"), ", ".join(CREDENTIAL_SOURCE_TYPES)), status=500)
+
+
+def credentials_spec_from_cli(service_account_file=None, token_mode=None, impersonate=None,
+                              federate=False, access_token=None, id_token=None, environ=None):
+    """The credentials spec for the primary account from command-line flags (and the Go
+    emulator's GOOGLE_ACCESS_TOKEN / GOOGLE_ID_TOKEN), or None for the offline default.
+
+    `impersonate` is True (impersonate the config's default account) or an e-mail;
+    `federate` reads the external-account file named by GOOGLE_APPLICATION_CREDENTIALS.
+    Choosing two sources is an error: which one wins would be a guess.
+    """
+    environ = os.environ if environ is None else environ
+    access_token = access_token or environ.get("GOOGLE_ACCESS_TOKEN") or None
+    id_token = id_token or environ.get("GOOGLE_ID_TOKEN") or None
+    chosen = []
+    if service_account_file:
+        chosen.append({"type": "key-file", "path": service_account_file,
+                       "token_mode": token_mode or "oauth"})
+    elif token_mode and token_mode != "oauth":
+        raise CredentialError("--token-mode %s needs --service-account-file" % token_mode,
+                              status=500)
+    if impersonate:
+        spec = {"type": "impersonate"}
+        if isinstance(impersonate, str):
+            spec["target"] = impersonate
+        chosen.append(spec)
+    if federate:
+        config = environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+        if not config:
+            raise CredentialError("--federate needs GOOGLE_APPLICATION_CREDENTIALS naming an "
+                                  "external-account configuration (gcloud iam "
+                                  "workload-identity-pools create-cred-config)", status=500)
+        chosen.append({"type": "federate", "config": config})
+    if access_token or id_token:
+        chosen.append({"type": "static", "access_token": access_token, "id_token": id_token})
+    if len(chosen) > 1:
+        raise CredentialError("choose one credential source, not %s"
+                              % " and ".join(spec["type"] for spec in chosen), status=500)
+    return chosen[0] if chosen else None
+
+
+# -- TPM-held keys: RS256 signatures made inside a TPM 2.0 through tpm2-pytss (the "tpm" extra,
+#    imported lazily), for a key at a persistent handle or in a TSS2 PRIVATE KEY file.
+
+TPM_EXTRA_HINT = ('TPM support needs the tpm extra: pip install "mds[tpm]" '
+                  '(and Debian packages libtss2-dev pkg-config)')
+
+# Handles of TCG-defined hierarchies as written in a TSS2 PRIVATE KEY's `parent` field.
+_TPM_RH_OWNER = 0x40000001
+_TPM_RH_ENDORSEMENT = 0x4000000B
+_TSS2_PEM_RE = re.compile(
+    rb"-----BEGIN TSS2 PRIVATE KEY-----(.*?)-----END TSS2 PRIVATE KEY-----", re.S)
+
+
+class TpmError(CredentialError):
+    """A TPM operation failed; the message names the TPM's reason and never any secret.
+
+    Raised at construction (meant for a fast, one-line startup failure) and by sign() when
+    the key's policy stops holding; it is a CredentialError so token requests answer 5xx.
+    """
+
+    def __init__(self, message, status=502):
+        super().__init__(message, status)
+        self.message = message
+        self.status = status
+
+
+def _import_tpm2_pytss():
+    """Import tpm2_pytss lazily so mds.py stays stdlib-only without the extra."""
+    # tpm2-tss prints every TPM error code to stderr; TpmError already names the reason in
+    # one line, so keep the library quiet unless the user asked for its log (TSS2_LOG=...).
+    os.environ.setdefault("TSS2_LOG", "all+NONE")
+    try:
+        import tpm2_pytss
+    except ImportError as exc:
+        raise TpmError("%s [%s]" % (TPM_EXTRA_HINT, exc), status=500) from None
+    return tpm2_pytss
+
+
+def normalize_tcti(tpm_path):
+    """Map the user's --tpm-path to a tpm2-tss TCTI config string.
+
+    Accepts a device path (/dev/tpmrm0 -> device:/dev/tpmrm0), any TCTI string
+    (device:, swtpm:, mssim:, tabrmd:), and the seed's bare "host:port" swtpm form.
+    """
+    path = (tpm_path or "/dev/tpmrm0").strip()
+    if path.startswith("/"):
+        return "device:" + path
+    if re.match(r"^[a-z][a-z0-9_-]*:", path) and not re.match(r"^[^:]+:\d+$", path):
+        return path
+    match = re.match(r"^\[?([0-9A-Za-z.:-]+?)\]?:(\d+)$", path)
+    if match:  # the Go seed takes "127.0.0.1:2321" for a swtpm socket
+        return "swtpm:host=%s,port=%s" % (match.group(1), match.group(2))
+    if path.startswith(("device", "swtpm", "mssim", "tabrmd", "libtpms")):
+        return path
+    raise TpmError("cannot understand TPM path %r: use a device path (/dev/tpmrm0) or a TCTI "
+                   "string (device:/dev/tpm0, swtpm:host=127.0.0.1,port=2321, "
+                   "swtpm:path=/run/swtpm.sock)" % tpm_path, status=500)
+
+
+def parse_pcr_selection(pcrs):
+    """Parse "23", "0,7,23" or "sha256:0,7,23" (optionally "+"-joined banks) into
+    [(bank, [indices])]; the default bank is sha256 like the seed's --pcrs."""
+    if pcrs is None or str(pcrs).strip() == "":
+        return []
+    banks = []
+    for part in str(pcrs).replace(" ", "").split("+"):
+        bank, _, indices = part.rpartition(":")
+        bank = (bank or "sha256").lower()
+        if bank not in ("sha1", "sha256", "sha384", "sha512", "sm3_256"):
+            raise TpmError("unknown PCR bank %r in --tpm-pcrs %r" % (bank, pcrs), status=500)
+        try:
+            numbers = sorted({int(item, 0) for item in indices.split(",") if item})
+        except ValueError:
+            raise TpmError("cannot parse --tpm-pcrs %r (use 23 or sha256:0,7,23)" % (pcrs,),
+                           status=500) from None
+        if not numbers or any(n < 0 or n > 23 for n in numbers):
+            raise TpmError("PCR indices must be 0..23 in --tpm-pcrs %r" % (pcrs,), status=500)
+        banks.append((bank, numbers))
+    return banks
+
+
+def _format_pcr_selection(banks):
+    return "+".join("%s:%s" % (bank, ",".join(str(n) for n in numbers))
+                    for bank, numbers in banks)
+
+
+def _read_tss2_pem(key_file):
+    """Return the DER bytes of a TSS2 PRIVATE KEY PEM file (TpmError if unreadable)."""
+    try:
+        with open(key_file, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise TpmError("cannot read TPM key file %s: %s" % (key_file, exc.strerror or exc),
+                       status=500) from None
+    match = _TSS2_PEM_RE.search(data)
+    if not match:
+        raise TpmError("TPM key file %s is not a 'TSS2 PRIVATE KEY' PEM (as written by "
+                       "tpm2_encodeobject, tpm2-openssl or tpm2-pytss)" % key_file, status=500)
+    try:
+        return base64.b64decode(b"".join(match.group(1).split()), validate=True)
+    except ValueError:
+        raise TpmError("TPM key file %s has broken base64" % key_file, status=500) from None
+
+
+_OID_LOADABLE_KEY = "2.23.133.10.1.3"
+_OID_IMPORTABLE_KEY = "2.23.133.10.1.4"
+
+
+def parse_tss2_private_key(der):
+    """Fields of a TSS2 PRIVATE KEY (TCG/tpm2-tss-engine key file ASN.1):
+    SEQUENCE { type OID, emptyAuth [0] BOOLEAN OPTIONAL, [1] policy, [2] secret, [3]
+    authPolicy (all OPTIONAL, ignored), parent INTEGER, pubkey OCTET STRING (TPM2B_PUBLIC),
+    privkey OCTET STRING (TPM2B_PRIVATE) } -> (oid, empty_auth, parent, public, private).
+    Parsed here rather than with tpm2-pytss so that variants (emptyAuth written as 1, the
+    optional policy fields) all load."""
+    tag, body, end = der_read(der, 0)
+    if tag != 0x30:
+        raise ValueError("not an ASN.1 SEQUENCE")
+    tag, value, offset = der_read(body, 0)
+    if tag != 0x06:
+        raise ValueError("no key type OID")
+    oid = oid_decode(value)
+    empty_auth = False
+    tag, value, following = der_read(body, offset)
+    while tag & 0xE0 == 0xA0:  # context-specific constructed: [0] emptyAuth .. [3]
+        if tag == 0xA0:
+            inner_tag, inner, _ = der_read(value, 0)
+            empty_auth = inner_tag == 0x01 and inner != b"\x00"
+        offset = following
+        tag, value, following = der_read(body, offset)
+    if tag != 0x02:
+        raise ValueError("no parent INTEGER")
+    parent = int.from_bytes(value, "big")
+    tag, public, offset = der_read(body, following)
+    if tag != 0x04:
+        raise ValueError("no public OCTET STRING")
+    tag, private, offset = der_read(body, offset)
+    if tag != 0x04:
+        raise ValueError("no private OCTET STRING")
+    return oid, empty_auth, parent, public, private
+
+
+class TpmSigner:
+    """Signer (contract protocol) whose RSA private key never leaves a TPM.
+
+    One ESAPI connection guarded by a lock.  Between signatures the TPM holds nothing for us:
+    transient objects are kept as saved contexts and loaded, used and flushed per signature,
+    sessions are flushed after each use (a direct swtpm/device connection has no resource
+    manager and only ~3 object slots).  After a TPM restart or a dropped connection the key is
+    reloaded from its handle/file once, transparently.
+    """
+
+    def __init__(self, tcti=None, persistent_handle=None, key_file=None, key_password=None,
+                 parent_password=None, pcrs=None, ek_parent=False,
+                 session_encrypt_with_name=None, key_id=None, validate=True):
+        if (persistent_handle is None) == (key_file is None):
+            raise TpmError("TPM key: give exactly one of a persistent handle "
+                           "(--tpm-persistent-handle) or a key file (--tpm-key-file)", status=500)
+        self.tcti = normalize_tcti(tcti)
+        self.persistent_handle = None
+        if persistent_handle is not None:
+            try:
+                self.persistent_handle = (int(persistent_handle, 0)
+                                          if isinstance(persistent_handle, str)
+                                          else int(persistent_handle))
+            except ValueError:
+                raise TpmError("cannot parse persistent handle %r (e.g. 0x81010002)"
+                               % (persistent_handle,), status=500) from None
+            if not 0x81000000 <= self.persistent_handle <= 0x81FFFFFF:
+                raise TpmError("persistent handle 0x%08x is outside 0x81000000-0x81ffffff"
+                               % self.persistent_handle, status=500)
+        self.key_file = key_file
+        self._key_file_fields = None
+        if key_file is not None:
+            try:
+                self._key_file_fields = parse_tss2_private_key(_read_tss2_pem(key_file))
+            except ValueError as exc:
+                raise TpmError("cannot parse TSS2 PRIVATE KEY file %s: %s" % (key_file, exc),
+                               status=500) from None
+            oid = self._key_file_fields[0]
+            if oid != _OID_LOADABLE_KEY:
+                raise TpmError("TPM key file %s is of type %s; only loadable keys (%s) are "
+                               "supported%s" % (key_file, oid, _OID_LOADABLE_KEY,
+                                                " (this one still needs TPM2_Import)"
+                                                if oid == _OID_IMPORTABLE_KEY else ""),
+                               status=500)
+        self._key_password = (key_password or "").encode() if isinstance(
+            key_password, str) else (key_password or b"")
+        self._parent_password = (parent_password or "").encode() if isinstance(
+            parent_password, str) else (parent_password or b"")
+        self.pcr_banks = parse_pcr_selection(pcrs)
+        # A key file may itself say its parent is the endorsement hierarchy.
+        self.ek_parent = bool(ek_parent) or (self._key_file_fields is not None
+                                             and self._key_file_fields[2] == _TPM_RH_ENDORSEMENT)
+        self.session_encrypt_name = None
+        if session_encrypt_with_name:
+            try:
+                self.session_encrypt_name = bytes.fromhex(session_encrypt_with_name.strip())
+            except ValueError:
+                raise TpmError("--tpm-session-encrypt-with-name must be the hex name of a key "
+                               "(e.g. 000b...)", status=500) from None
+        self._lock = threading.Lock()
+        self._tpm = _import_tpm2_pytss()
+        self._ectx = None
+        self._key_context = None   # saved TPMS_CONTEXT of a transient key loaded from key_file
+        self._ek_context = None    # saved TPMS_CONTEXT of the RSA endorsement key
+        self._persistent_tr = None
+        self._n = None
+        self._e = None
+        with self._lock:
+            self._call_with_recovery(self._prepare_locked)
+        spki = rsa_subject_public_key_info(self._n, self._e)
+        self._fingerprint = hashlib.sha256(spki).hexdigest()
+        self.key_id = key_id or hashlib.sha1(spki).hexdigest()
+        if validate:
+            # A throwaway signature proves password / PCR policy / parent now rather than at
+            # the first token request (fast one-line startup failure).
+            self.sign(b"mds TPM startup self-test")
+
+    @classmethod
+    def from_options(cls, tpm=True, tpm_path=None, tpm_persistent_handle=None,
+                     tpm_key_file=None, tpm_key_pass=None, tpm_parent_pass=None, tpm_pcrs=None,
+                     tpm_ek_parent=False, tpm_session_encrypt_with_name=None, key_id=None):
+        """Build a signer from the CLI flags (--tpm, --tpm-path, ...), mapped 1:1."""
+        if not tpm:
+            raise TpmError("TpmSigner.from_options called without --tpm", status=500)
+        return cls(tcti=tpm_path, persistent_handle=tpm_persistent_handle,
+                   key_file=tpm_key_file, key_password=tpm_key_pass,
+                   parent_password=tpm_parent_pass, pcrs=tpm_pcrs, ek_parent=tpm_ek_parent,
+                   session_encrypt_with_name=tpm_session_encrypt_with_name, key_id=key_id)
+
+    # ---- signer protocol -------------------------------------------------------------------
+
+    def sign(self, message):
+        """RSASSA-PKCS1-v1_5 / SHA-256 signature over `message`, made inside the TPM."""
+        digest = hashlib.sha256(message).digest()
+        with self._lock:
+            return self._call_with_recovery(lambda: self._sign_locked(digest))
+
+    def public_numbers(self):
+        return (self._n, self._e)
+
+    def fingerprint(self):
+        """SHA-256 (hex) of the public key's SubjectPublicKeyInfo DER; safe for logs."""
+        return self._fingerprint
+
+    def describe(self):
+        where = ("persistent handle 0x%08x" % self.persistent_handle
+                 if self.persistent_handle is not None else "key file %s" % self.key_file)
+        extras = []
+        if self.ek_parent:
+            extras.append("EK parent")
+        if self.pcr_banks:
+            extras.append("PCR policy " + _format_pcr_selection(self.pcr_banks))
+        if self._key_password:
+            extras.append("key password")
+        if self.session_encrypt_name:
+            extras.append("encrypted sessions")
+        return "TPM RSA-%d key at %s via %s%s, fingerprint sha256:%s" % (
+            self._n.bit_length(), where, self.tcti,
+            " (" + ", ".join(extras) + ")" if extras else "", self._fingerprint)
+
+    def close(self):
+        """Flush nothing (nothing stays loaded) and drop the TPM connection."""
+        with self._lock:
+            self._disconnect_locked()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def __repr__(self):
+        return "<TpmSigner %s>" % (self.describe() if self._n else self.tcti)
+
+    # ---- connection and recovery ----------------------------------------------------------
+
+    def _connect_locked(self):
+        if self._ectx is not None:
+            return self._ectx
+        try:
+            self._ectx = self._tpm.ESAPI(self.tcti)
+        except self._tpm.TSS2_Exception as exc:
+            raise TpmError("cannot open the TPM at %s: %s" % (self.tcti, exc)) from None
+        except Exception as exc:  # TCTI library missing, bad config string
+            raise TpmError("cannot open the TPM at %s: %s" % (self.tcti, exc)) from None
+        return self._ectx
+
+    def _disconnect_locked(self):
+        ectx, self._ectx = self._ectx, None
+        self._key_context = None
+        self._ek_context = None
+        self._persistent_tr = None
+        if ectx is not None:
+            try:
+                ectx.close()
+            except Exception:
+                pass
+
+    def _call_with_recovery(self, operation):
+        """Run `operation`; if the TPM lost our state (restart, reset, dropped socket) rebuild
+        once and retry, otherwise translate the TPM's error into a TpmError."""
+        for attempt in (1, 2):
+            try:
+                return operation()
+            except _Step as step:
+                if attempt == 1 and self._recoverable(step):
+                    self._disconnect_locked()
+                    continue
+                raise TpmError(self._explain(step)) from None
+
+    def _recoverable(self, step):
+        rc = getattr(step.exc, "rc", None)
+        if rc is None:
+            return False
+        if rc >> 16:  # TSS layer (TCTI I/O error after a TPM restart, ESYS state): reconnect
+            return True
+        codes = self._tpm.constants.TPM2_RC
+        # Saved contexts die with a TPM reset and transient handles vanish with it; never
+        # retry authorization failures (each one counts against dictionary-attack lockout).
+        return step.name == "context load" or getattr(step.exc, "error", None) in (
+            codes.REFERENCE_H0, codes.INITIALIZE)
+
+    def _explain(self, step):
+        exc = step.exc
+        codes = self._tpm.constants.TPM2_RC
+        error = getattr(exc, "error", None)
+        rc = getattr(exc, "rc", None)
+        detail = str(exc)
+        name = step.name
+        if rc is not None and rc >> 16:
+            return "TPM at %s unreachable or failing during %s: %s" % (self.tcti, name, detail)
+        if error in (codes.AUTH_FAIL, codes.BAD_AUTH):
+            if name in ("create parent", "parent auth", "load key", "load endorsement key"):
+                return ("wrong TPM parent password (--tpm-parent-pass) for %s: %s (%s)"
+                        % (name, "TPM_RC_AUTH_FAIL" if error == codes.AUTH_FAIL
+                           else "TPM_RC_BAD_AUTH", detail))
+            return "wrong TPM key password (--tpm-key-pass): %s (%s)" % (
+                "TPM_RC_AUTH_FAIL" if error == codes.AUTH_FAIL else "TPM_RC_BAD_AUTH", detail)
+        if error == codes.POLICY_FAIL:
+            if self.pcr_banks:
+                return ("TPM key's PCR policy does not hold: PCRs %s differ from the values the "
+                        "key is bound to (TPM_RC_POLICY_FAIL)"
+                        % _format_pcr_selection(self.pcr_banks))
+            return "TPM key policy not satisfied (TPM_RC_POLICY_FAIL): does it need --tpm-pcrs?"
+        if error == codes.AUTH_UNAVAILABLE:
+            return ("TPM key cannot be used with a password (TPM_RC_AUTH_UNAVAILABLE): it is "
+                    "bound to a policy; give --tpm-pcrs")
+        if error == codes.LOCKOUT:
+            return ("TPM is in dictionary-attack lockout after wrong passwords (TPM_RC_LOCKOUT); "
+                    "wait for recovery or run tpm2_dictionarylockout --clear-lockout")
+        if error == codes.HANDLE and name == "persistent":
+            return ("no key at TPM persistent handle 0x%08x (TPM_RC_HANDLE)"
+                    % self.persistent_handle)
+        if error == codes.INTEGRITY and name == "load key":
+            return ("TPM key file %s does not belong under this parent (TPM_RC_INTEGRITY): "
+                    "wrong TPM, wrong parent (--tpm-ek-parent?) or a corrupted file"
+                    % self.key_file)
+        if error == codes.VALUE and name == "policy pcr":
+            return "TPM refused PCR selection %s (TPM_RC_VALUE): bank not allocated?" % (
+                _format_pcr_selection(self.pcr_banks))
+        try:
+            code_name = "TPM_RC_" + str(codes(error)).upper()
+        except Exception:
+            code_name = "rc=0x%x" % (rc or 0)
+        return "TPM error during %s: %s (%s)" % (name, detail, code_name)
+
+    # ---- preparation (startup and after a TPM reset) ----------------------------------------
+
+    def _prepare_locked(self):
+        ectx = self._connect_locked()
+        if self.session_encrypt_name is not None or self.ek_parent:
+            ek = self._create_ek_locked()
+            try:
+                if self.session_encrypt_name is not None:
+                    actual = bytes(ectx.tr_get_name(ek))
+                    if actual != self.session_encrypt_name:
+                        raise TpmError(
+                            "the TPM's RSA endorsement key name %s does not match "
+                            "--tpm-session-encrypt-with-name %s: refusing to talk to a TPM we "
+                            "cannot authenticate" % (actual.hex(), self.session_encrypt_name.hex()))
+                self._ek_context = _step("save endorsement key", ectx.context_save, ek)
+            finally:
+                _flush(ectx, ek)
+        if self.persistent_handle is not None:
+            self._persistent_tr = _step("persistent", ectx.tr_from_tpmpublic,
+                                        self.persistent_handle)
+            public = _step("read public", ectx.read_public, self._persistent_tr)[0]
+        else:
+            key_tr, public = self._load_key_file_locked()
+            try:
+                self._key_context = _step("save key", ectx.context_save, key_tr)
+            finally:
+                _flush(ectx, key_tr)
+        self._check_public(public.publicArea)
+
+    def _check_public(self, area):
+        constants = self._tpm.constants
+        if area.type != constants.TPM2_ALG.RSA:
+            raise TpmError("TPM key is not an RSA key (type 0x%x); service-account keys are "
+                           "RSA" % int(area.type), status=500)
+        if not area.objectAttributes & constants.TPMA_OBJECT.SIGN_ENCRYPT:
+            raise TpmError("TPM key does not have the 'sign' attribute", status=500)
+        if area.objectAttributes & constants.TPMA_OBJECT.RESTRICTED:
+            raise TpmError("TPM key is a restricted signing key (an attestation key); use an "
+                           "unrestricted rsassa key", status=500)
+        scheme = area.parameters.rsaDetail.scheme
+        if scheme.scheme not in (constants.TPM2_ALG.NULL, constants.TPM2_ALG.RSASSA) or (
+                scheme.scheme == constants.TPM2_ALG.RSASSA
+                and scheme.details.rsassa.hashAlg != constants.TPM2_ALG.SHA256):
+            raise TpmError("TPM key's scheme is not RSASSA-SHA256 or null (create it with "
+                           "-G rsa2048:rsassa:null or rsa2048:rsassa-sha256)", status=500)
+        exponent = int(area.parameters.rsaDetail.exponent) or 65537
+        modulus = int.from_bytes(bytes(area.unique.rsa), "big")
+        if self._n is not None and (modulus, exponent) != (self._n, self._e):
+            raise TpmError("the TPM key changed under us (different public key after reload)")
+        self._n, self._e = modulus, exponent
+
+    def _create_ek_locked(self):
+        """Create the TCG default RSA EK (template from NV if the TPM has one)."""
+        from tpm2_pytss.utils import NVReadEK, create_ek_template
+        ectx = self._ectx
+        try:
+            _, template = create_ek_template("EK-RSA2048", NVReadEK(ectx))
+        except Exception as exc:
+            raise TpmError("cannot build the RSA endorsement key template: %s" % exc) from None
+        ectx.tr_set_auth(self._tpm.ESYS_TR.ENDORSEMENT, self._parent_password
+                         if self.ek_parent else b"")
+        handle = _step("create parent", ectx.create_primary,
+                       self._tpm.TPM2B_SENSITIVE_CREATE(), template,
+                       self._tpm.ESYS_TR.ENDORSEMENT)[0]
+        return handle
+
+    def _load_key_file_locked(self):
+        """Load the TSS2 key under its parent; returns (transient handle, TPM2B_PUBLIC)."""
+        tpm = self._tpm
+        ectx = self._ectx
+        _, _, parent_handle, public_bytes, private_bytes = self._key_file_fields
+        try:
+            public = tpm.TPM2B_PUBLIC.unmarshal(public_bytes)[0]
+            private = tpm.TPM2B_PRIVATE.unmarshal(private_bytes)[0]
+        except Exception as exc:
+            raise TpmError("cannot parse TSS2 PRIVATE KEY file %s: %s"
+                           % (self.key_file, exc), status=500) from None
+        if self.ek_parent:
+            parent = self._load_ek_locked()
+            try:
+                session = self._policy_secret_session_locked()
+                try:
+                    key = _step("load key", ectx.load, parent, private, public,
+                                session1=session)
+                finally:
+                    _flush(ectx, session)
+            finally:
+                _flush(ectx, parent)
+            return key, public
+        if 0x81000000 <= parent_handle <= 0x81FFFFFF:
+            parent = _step("persistent parent", ectx.tr_from_tpmpublic, parent_handle)
+            ectx.tr_set_auth(parent, self._parent_password)
+            return _step("load key", ectx.load, parent, private, public), public
+        if parent_handle not in (_TPM_RH_OWNER, 0):
+            raise TpmError("TPM key file %s names parent 0x%08x; only the owner hierarchy, a "
+                           "persistent parent, or --tpm-ek-parent are supported"
+                           % (self.key_file, parent_handle), status=500)
+        # The TSS2 key-file convention: parent 0x40000001 means the owner "H-2" ECC P-256
+        # primary (tpm2-openssl, tpm2-pytss, the seed); older tpm2-tss-engine keys were made
+        # under the RSA-2048 SRK, so fall back to it when the integrity check says "not mine".
+        constants = tpm.constants
+        storage = (constants.TPMA_OBJECT.USERWITHAUTH | constants.TPMA_OBJECT.RESTRICTED
+                   | constants.TPMA_OBJECT.DECRYPT | constants.TPMA_OBJECT.NODA
+                   | constants.TPMA_OBJECT.FIXEDTPM | constants.TPMA_OBJECT.FIXEDPARENT
+                   | constants.TPMA_OBJECT.SENSITIVEDATAORIGIN)
+        last = None
+        for algorithm in ("ecc256:aes128cfb", "rsa2048:aes128cfb"):
+            template = tpm.TPMT_PUBLIC.parse(algorithm, objectAttributes=storage,
+                                             nameAlg="sha256")
+            ectx.tr_set_auth(tpm.ESYS_TR.OWNER, self._parent_password)
+            try:
+                parent = _step("create parent", ectx.create_primary,
+                               tpm.TPM2B_SENSITIVE_CREATE(), tpm.TPM2B_PUBLIC(publicArea=template),
+                               tpm.ESYS_TR.OWNER)[0]
+            except _Step as step:
+                if (getattr(step.exc, "error", None) == tpm.constants.TPM2_RC.ASYMMETRIC
+                        or getattr(step.exc, "error", None) == tpm.constants.TPM2_RC.CURVE):
+                    last = step
+                    continue
+                raise
+            try:
+                return _step("load key", ectx.load, parent, private, public), public
+            except _Step as step:
+                if getattr(step.exc, "error", None) != tpm.constants.TPM2_RC.INTEGRITY:
+                    raise
+                last = step
+            finally:
+                _flush(ectx, parent)
+        raise last
+
+    def _load_ek_locked(self):
+        if self._ek_context is None:
+            ek = self._create_ek_locked()
+            try:
+                self._ek_context = _step("save endorsement key", self._ectx.context_save, ek)
+            except _Step:
+                _flush(self._ectx, ek)
+                raise
+            return ek
+        return _step("load endorsement key", self._ectx.context_load, self._ek_context)
+
+    def _policy_secret_session_locked(self):
+        """Policy session satisfying the EK's policy A: PolicySecret(TPM_RH_ENDORSEMENT)."""
+        tpm = self._tpm
+        ectx = self._ectx
+        session = _step("parent auth", ectx.start_auth_session, tpm.ESYS_TR.NONE,
+                        tpm.ESYS_TR.NONE, tpm.constants.TPM2_SE.POLICY,
+                        _aes128cfb(tpm), tpm.constants.TPM2_ALG.SHA256)
+        try:
+            ectx.tr_set_auth(tpm.ESYS_TR.ENDORSEMENT, self._parent_password)
+            _step("parent auth", ectx.policy_secret, tpm.ESYS_TR.ENDORSEMENT, session)
+        except _Step:
+            _flush(ectx, session)
+            raise
+        return session
+
+    # ---- signing ----------------------------------------------------------------------------
+
+    def _sign_locked(self, digest):
+        tpm = self._tpm
+        constants = tpm.constants
+        if self._ectx is None:
+            self._prepare_locked()
+        ectx = self._ectx
+        flush_later = []
+        try:
+            if self.persistent_handle is not None:
+                key = self._persistent_tr
+            else:
+                key = _step("context load", ectx.context_load, self._key_context)
+                flush_later.append(key)
+            salt_key = tpm.ESYS_TR.NONE
+            if self.session_encrypt_name is not None:
+                salt_key = self._load_ek_locked()
+                flush_later.append(salt_key)
+            ectx.tr_set_auth(key, self._key_password)
+            encrypt = self.session_encrypt_name is not None
+            if self.pcr_banks:
+                session = _step("start session", ectx.start_auth_session, salt_key,
+                                tpm.ESYS_TR.NONE, constants.TPM2_SE.POLICY,
+                                _aes128cfb(tpm), constants.TPM2_ALG.SHA256)
+                flush_later.append(session)
+                selection = tpm.TPML_PCR_SELECTION.parse(_format_pcr_selection(self.pcr_banks))
+                # An empty pcrDigest makes the TPM use the PCRs' current values, so the
+                # policy holds exactly when they still equal the ones the key was bound to.
+                _step("policy pcr", ectx.policy_pcr, session, tpm.TPM2B_DIGEST(), selection)
+                if self._key_password:
+                    _step("policy password", ectx.policy_password, session)
+            elif encrypt:
+                session = _step("start session", ectx.start_auth_session, salt_key,
+                                tpm.ESYS_TR.NONE, constants.TPM2_SE.HMAC,
+                                _aes128cfb(tpm), constants.TPM2_ALG.SHA256)
+                flush_later.append(session)
+            else:
+                session = tpm.ESYS_TR.PASSWORD
+            if encrypt:
+                # Sign's first command parameter (the digest) travels AES-encrypted under a
+                # session key salted to the verified EK; its response has no sized first
+                # parameter, so only DECRYPT applies.
+                ectx.trsess_set_attributes(
+                    session, constants.TPMA_SESSION.CONTINUESESSION
+                    | constants.TPMA_SESSION.DECRYPT)
+            scheme = tpm.TPMT_SIG_SCHEME(scheme=constants.TPM2_ALG.RSASSA)
+            scheme.details.rsassa.hashAlg = constants.TPM2_ALG.SHA256
+            # Unrestricted keys accept a NULL ticket (no proof the TPM made the hash).
+            validation = tpm.TPMT_TK_HASHCHECK(tag=constants.TPM2_ST.HASHCHECK,
+                                               hierarchy=constants.TPM2_RH.NULL)
+            signature = _step("sign", ectx.sign, key, tpm.TPM2B_DIGEST(digest), scheme,
+                              validation, session1=session)
+            return bytes(signature.signature.rsassa.sig)
+        finally:
+            for handle in reversed(flush_later):
+                _flush(ectx, handle)
+
+
+class _Step(Exception):
+    """Internal: a TSS2_Exception tagged with the operation that raised it."""
+
+    def __init__(self, name, exc):
+        super().__init__("%s: %s" % (name, exc))
+        self.name = name
+        self.exc = exc
+
+
+def _step(name, function, *args, **kwargs):
+    import tpm2_pytss
+    try:
+        return function(*args, **kwargs)
+    except tpm2_pytss.TSS2_Exception as exc:
+        raise _Step(name, exc) from None
+
+
+def _flush(ectx, handle):
+    """Flush a transient object or session; errors ignored (it may already be gone)."""
+    try:
+        ectx.flush_context(handle)
+    except Exception:
+        pass
+
+
+def _aes128cfb(tpm):
+    return tpm.TPMT_SYM_DEF(
+        algorithm=tpm.constants.TPM2_ALG.AES,
+        keyBits=tpm.TPMU_SYM_KEY_BITS(aes=128),
+        mode=tpm.TPMU_SYM_MODE(aes=tpm.constants.TPM2_ALG.CFB))
+
+
+# -- AWS credentials: source keys (environment, profiles) and the role's credential providers.
+
+class AwsKeys(collections.namedtuple(
+        "AwsKeys", "access_key secret_key session_token expiration origin")):
+    """Static AWS keys the emulator itself holds; `origin` names where they came from."""
+
+    __slots__ = ()
+
+    def __repr__(self):
+        # Never let a secret reach a log line through repr().
+        return "AwsKeys(access_key=%r, origin=%r)" % (self.access_key, self.origin)
+
+
+def _aws_file(environ, variable, default):
+    path = environ.get(variable) or default
+    if path.startswith("~"):
+        home = environ.get("HOME")
+        path = os.path.join(home, path[2:]) if home else os.path.expanduser(path)
+    return path
+
+
+def _read_ini(path):
+    parser = configparser.RawConfigParser()
+    try:
+        parser.read(path)
+    except configparser.Error as error:
+        raise CredentialError("cannot parse %s: %s" % (path, error.__class__.__name__),
+                              status=500)
+    return parser
+
+
+def aws_profile_name(profile=None, environ=None):
+    """The profile botocore would use: explicit, then AWS_PROFILE / AWS_DEFAULT_PROFILE."""
+    environ = os.environ if environ is None else environ
+    return profile or environ.get("AWS_PROFILE") or environ.get("AWS_DEFAULT_PROFILE") or "default"
+
+
+def load_aws_profile(profile=None, environ=None):
+    """Merged settings of one profile: ~/.aws/config values overridden by ~/.aws/credentials.
+
+    Returns (settings dict, description) or (None, description) when neither file has it.
+    """
+    environ = os.environ if environ is None else environ
+    name = aws_profile_name(profile, environ)
+    config_path = _aws_file(environ, "AWS_CONFIG_FILE", "~/.aws/config")
+    creds_path = _aws_file(environ, "AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials")
+    settings = {}
+    found = False
+    config = _read_ini(config_path)
+    # The config file names sections "profile NAME", except that "default" may be bare.
+    for section in (("profile " + name), name if name == "default" else None):
+        if section and config.has_section(section):
+            settings.update(config.items(section))
+            found = True
+            break
+    credentials = _read_ini(creds_path)
+    if credentials.has_section(name):
+        settings.update(credentials.items(name))
+        found = True
+    return (settings if found else None), "profile %r" % name
+
+
+def _keys_from_settings(settings, origin):
+    access_key = (settings.get("aws_access_key_id") or "").strip()
+    secret_key = (settings.get("aws_secret_access_key") or "").strip()
+    if not (access_key and secret_key):
+        return None
+    token = (settings.get("aws_session_token") or settings.get("aws_security_token") or "")
+    return AwsKeys(access_key, secret_key, token.strip() or None, None, origin)
+
+
+def resolve_aws_source_keys(profile=None, environ=None):
+    """Static source keys, resolved like botocore's static providers (spec §7.1).
+
+    An explicit `profile` argument wins; otherwise the AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY
+    (+AWS_SESSION_TOKEN, AWS_CREDENTIAL_EXPIRATION) environment, then the AWS_PROFILE or
+    "default" profile. Never consults IMDS: clients pointed at this emulator would make it
+    ask itself (spec §7.1 caution). Raises CredentialError when nothing is found.
+    """
+    environ = os.environ if environ is None else environ
+    if not profile:
+        access_key = environ.get("AWS_ACCESS_KEY_ID", "").strip()
+        secret_key = environ.get("AWS_SECRET_ACCESS_KEY", "").strip()
+        if access_key and secret_key:
+            token = (environ.get("AWS_SESSION_TOKEN") or environ.get("AWS_SECURITY_TOKEN")
+                     or "").strip() or None
+            expiration = None
+            if environ.get("AWS_CREDENTIAL_EXPIRATION"):
+                try:
+                    expiration = parse_imds_time(environ["AWS_CREDENTIAL_EXPIRATION"])
+                except ValueError:
+                    raise CredentialError("AWS_CREDENTIAL_EXPIRATION is not an ISO-8601 time",
+                                          status=500)
+            return AwsKeys(access_key, secret_key, token, expiration, "environment")
+    settings, described = load_aws_profile(profile, environ)
+    if settings is None:
+        raise CredentialError("no AWS source credentials: AWS_ACCESS_KEY_ID/"
+                              "AWS_SECRET_ACCESS_KEY unset and %s not found" % described,
+                              status=500)
+    keys = _keys_from_settings(settings, described)
+    if keys is None:
+        raise CredentialError("%s has no aws_access_key_id/aws_secret_access_key "
+                              "(only static keys are supported as a source)" % described,
+                              status=500)
+    return keys
+
+
+def resolve_aws_region(profile=None, environ=None):
+    """AWS_REGION, AWS_DEFAULT_REGION, then the profile's `region`; None if unset."""
+    environ = os.environ if environ is None else environ
+    region = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
+    if region:
+        return region.strip()
+    try:
+        settings, _ = load_aws_profile(profile, environ)
+    except CredentialError:
+        return None
+    if settings and settings.get("region"):
+        return settings["region"].strip()
+    return None
+
+
+# Role credentials handed to the EC2 flavor: every provider returns this dict shape (epoch
+# floats for the times) from credentials(), or raises CredentialError.
+#   {"AccessKeyId", "SecretAccessKey", "Token", "Expiration", "LastUpdated"}
+
+_BASE32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+
+
+def fake_aws_access_key_id(prefix="ASIA"):
+    """A syntactically valid temporary access key id (ASIA + 16 base32 characters)."""
+    return prefix + "".join(secrets.choice(_BASE32) for _ in range(16))
+
+
+def fake_aws_secret_access_key():
+    return base64.b64encode(secrets.token_bytes(30)).decode("ascii")
+
+
+def fake_aws_session_token():
+    # Real tokens are long opaque base64 blobs that begin with "IQoJb3JpZ2luX2Vj" (the
+    # encoding of a protobuf-ish "origin_ec..." header); mimic the look, not the content.
+    return "IQoJb3JpZ2luX2Vj" + base64.b64encode(secrets.token_bytes(600)).decode("ascii")
+
+
+class OfflineRoleCredentials(object):
+    """Fake but well-formed temporary credentials that rotate and never expire (default).
+
+    A new key set is minted every `rotation` seconds and each is valid for `lifetime`
+    seconds, so what is served always has at least lifetime - rotation left: SDKs never see
+    expired credentials (the AEMM bug, spec §9.7) and never enter static-stability paths.
+    """
+
+    def __init__(self, role_name, lifetime=6 * 3600, rotation=3600, clock=time.time):
+        if rotation >= lifetime:
+            raise ValueError("rotation must be shorter than lifetime")
+        self.role_name = role_name
+        self.lifetime = lifetime
+        self.rotation = rotation
+        self._clock = clock
+        self._epoch = clock()
+        self._lock = threading.Lock()
+        self._period = None
+        self._current = None
+
+    def credentials(self):
+        now = self._clock()
+        period = int((now - self._epoch) // self.rotation)
+        with self._lock:
+            if period != self._period:
+                issued = self._epoch + period * self.rotation
+                self._current = {
+                    "AccessKeyId": fake_aws_access_key_id(),
+                    "SecretAccessKey": fake_aws_secret_access_key(),
+                    "Token": fake_aws_session_token(),
+                    "LastUpdated": issued,
+                    "Expiration": issued + self.lifetime,
+                }
+                self._period = period
+            return dict(self._current)
+
+    def describe(self):
+        return "offline fake credentials for role %s (rotate every %ds, valid %ds)" % (
+            self.role_name, self.rotation, self.lifetime)
+
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
+
+
+class StaticRoleCredentials(object):
+    """The emulator's own static keys (environment or profile) served as the role's.
+
+    Long-term keys (AKIA...) have no expiry and no session token, but every IMDS client
+    requires both fields: Expiration then rolls forward (`lifetime` ahead, renewed every
+    `rotation`) and Token is "" (botocore and the JS SDK only check that it is present /
+    a string; an empty token is not sent when signing). Keys with an explicit expiration are
+    served until then, and refused afterwards.
+    """
+
+    def __init__(self, keys_loader, lifetime=6 * 3600, rotation=3600, clock=time.time):
+        self._load = keys_loader
+        self.lifetime = lifetime
+        self.rotation = rotation
+        self._clock = clock
+        self._epoch = clock()
+        self._origin = None
+
+    def credentials(self):
+        keys = self._load()  # re-read each time so an edited credentials file takes effect
+        self._origin = keys.origin
+        now = self._clock()
+        if keys.expiration is not None:
+            if keys.expiration <= now:
+                raise CredentialError("static AWS credentials from %s expired at %s"
+                                      % (keys.origin, format_imds_time(keys.expiration)))
+            updated = self._epoch
+            expiration = keys.expiration
+        else:
+            updated = self._epoch + ((now - self._epoch) // self.rotation) * self.rotation
+            expiration = updated + self.lifetime
+        return {
+            "AccessKeyId": keys.access_key,
+            "SecretAccessKey": keys.secret_key,
+            "Token": keys.session_token or "",
+            "LastUpdated": updated,
+            "Expiration": expiration,
+        }
+
+    def describe(self):
+        return "static AWS credentials from %s" % (self._origin or "environment/profile")
+
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
+
+
+class AssumeRoleCredentials(object):
+    """Credentials from STS AssumeRole, cached and refreshed by a background thread.
+
+    Requests only ever read the cache (spec §0.7: never call STS in the request path). The
+    thread re-assumes once less than `refresh_margin` seconds are left (30 min by default,
+    spec §7.6), retrying with backoff on failure; while STS fails, the cached credentials
+    are served for as long as they are still valid. With nothing valid, credentials()
+    raises CredentialError carrying the last STS error (never a secret).
+    """
+
+    def __init__(self, role_arn, keys_loader, region=None, endpoint=None,
+                 session_name="mds", duration=3600, external_id=None, refresh_margin=1800,
+                 retry_delay=5.0, max_retry_delay=300.0, clock=time.time, environ=None,
+                 should_stop=None):
+        self.role_arn = role_arn
+        self._load_keys = keys_loader
+        self.region = region
+        self.endpoint = endpoint
+        self.session_name = session_name
+        self.duration = duration
+        self.external_id = external_id
+        self.refresh_margin = refresh_margin
+        self.retry_delay = retry_delay
+        self.max_retry_delay = max_retry_delay
+        self._clock = clock
+        self._environ = environ
+        self._should_stop = should_stop or (lambda: False)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._first_attempt_done = threading.Event()
+        self._thread = None
+        self._cached = None
+        self._last_error = None
+        self._last_attempt = 0.0
+        self.sts_calls = 0
+
+    def describe(self):
+        where = self.endpoint or sts_endpoint_for_region(self.region)[0]
+        return "STS AssumeRole %s via %s" % (self.role_arn, where)
+
+    def _assume(self):
+        self._last_attempt = self._clock()
+        keys = self._load_keys()
+        self.sts_calls += 1
+        answer = sts_assume_role(self.role_arn, keys, session_name=self.session_name,
+                                 region=self.region, endpoint=self.endpoint,
+                                 duration=self.duration, external_id=self.external_id,
+                                 environ=self._environ)
+        answer["LastUpdated"] = self._clock()
+        answer.pop("AssumedRoleArn", None)
+        return answer
+
+    def refresh_now(self):
+        """One synchronous AssumeRole; updates the cache, returns the error text or None."""
+        try:
+            fresh = self._assume()
+        except CredentialError as error:
+            with self._lock:
+                self._last_error = str(error)
+            _ec2_log.warning("AssumeRole %s failed: %s", self.role_arn, error)
+            return str(error)
+        with self._lock:
+            self._cached = fresh
+            self._last_error = None
+        _ec2_log.info("AssumeRole %s ok: %s, expires %s", self.role_arn, fresh["AccessKeyId"],
+                      format_imds_time(fresh["Expiration"]))
+        return None
+
+    def _next_refresh_delay(self):
+        with self._lock:
+            cached = self._cached
+        now = self._clock()
+        if cached is None:
+            return None
+        remaining = cached["Expiration"] - now
+        # Refresh at the margin, but never later than halfway through what is left, so that
+        # short-lived sessions (DurationSeconds < margin) do not loop on STS.
+        return max(1.0, min(remaining - self.refresh_margin, remaining / 2.0))
+
+    def _stopped(self):
+        return self._stopping.is_set() or self._should_stop()
+
+    def _sleep(self, delay):
+        # Sleep in short slices so that the owner stopping (which may not call stop()) ends
+        # the thread promptly; a wake-up request cuts the sleep short.
+        deadline = time.monotonic() + delay
+        while not self._stopped():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            if self._wake.wait(min(left, 0.5)):
+                self._wake.clear()
+                return
+
+    def _run(self):
+        failures = 0
+        while not self._stopped():
+            error = self.refresh_now()
+            self._first_attempt_done.set()
+            if error is None:
+                failures = 0
+                delay = self._next_refresh_delay()
+            else:
+                failures += 1
+                delay = min(self.max_retry_delay, self.retry_delay * (2 ** (failures - 1)))
+            self._sleep(delay)
+
+    def start(self, wait=10.0):
+        """Start the refresher; wait up to `wait` seconds for the first AssumeRole."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="mds-assume-role",
+                                            daemon=True)
+            self._thread.start()
+        if wait:
+            self._first_attempt_done.wait(wait)
+
+    def stop(self):
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+    def credentials(self):
+        now = self._clock()
+        with self._lock:
+            cached = self._cached
+            last_error = self._last_error
+        if cached is not None and cached["Expiration"] > now:
+            return dict(cached)
+        if self._thread is not None and now - self._last_attempt >= self.retry_delay:
+            # Ask the refresher to retry now (this request does not wait); rate-limited so
+            # that a burst of requests during an STS outage is not a burst of STS calls.
+            self._wake.set()
+        if last_error:
+            raise CredentialError("no valid credentials for %s: %s" % (self.role_arn, last_error))
+        raise CredentialError("no valid credentials for %s yet (AssumeRole pending)"
+                              % self.role_arn)
+
+
 # ---- crypto: DER, RSA, JWT, X.509, PKCS#7, SigV4 ---------------------------------------------
 
 # Just enough DER to read RSA private keys and write SubjectPublicKeyInfo, X.509 v3
@@ -1111,7 +4025,7 @@ class KeyFormatError(ValueError):
     """
 
 
-# ---- DER reader / writer ----
+# -- DER reader / writer
 
 TAG_INTEGER = 0x02
 TAG_BIT_STRING = 0x03
@@ -1353,7 +4267,7 @@ def der_name_common_name(common_name):
                                              der_utf8_string(common_name))))
 
 
-# ---- PEM and base64url ----
+# -- PEM and base64url
 
 _PEM_BLOCK = re.compile(
     r"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----", re.DOTALL)
@@ -1432,7 +4346,7 @@ def b64url_decode(text):
     return base64.urlsafe_b64decode(text + b"=" * (-len(text) % 4))
 
 
-# ---- RSA ----
+# -- RSA
 
 # DigestInfo prefix for SHA-256 (RFC 8017 section 9.2 note 1).
 _SHA256_DIGEST_INFO_PREFIX = bytes.fromhex("3031300d060960864801650304020105000420")
@@ -1780,7 +4694,7 @@ class RsaKey:
         return "RsaKey(bits=%d, key_id=%r)" % (self.bits, self.key_id)
 
 
-# ---- JWT ----
+# -- JWT
 
 def _json_compact(value):
     return json.dumps(value, separators=(",", ":")).encode("utf-8")
@@ -1819,7 +4733,7 @@ def jwt_decode_unverified(token):
     return header, claims
 
 
-# ---- X.509 ----
+# -- X.509
 
 def _add_years(moment, years):
     try:
@@ -1878,7 +4792,7 @@ def _certificate_issuer_and_serial(cert_der):
     return issuer[2], serial[2]
 
 
-# ---- PKCS#7 / CMS ----
+# -- PKCS#7 / CMS
 
 def pkcs7_signed_data(content, signer, cert_der, signing_time=None, include_certificate=True):
     """DER CMS SignedData (RFC 5652) with the content attached, as in EC2's
@@ -1922,6 +4836,305 @@ def pkcs7_signed_data(content, signer, cert_der, signing_time=None, include_cert
     return der_sequence(der_oid(OID_PKCS7_SIGNED_DATA), der_context(0, der_sequence(*parts)))
 
 
+# -- AWS SigV4 (header signing, as for an STS POST) and the STS query API client (aws.md 7).
+
+SIGV4_ALGORITHM = "AWS4-HMAC-SHA256"
+STS_API_VERSION = "2011-06-15"
+STS_XML_NAMESPACE = "https://sts.amazonaws.com/doc/2011-06-15/"
+STS_FORM_CONTENT_TYPE = "application/x-www-form-urlencoded; charset=utf-8"
+
+# Headers that proxies or the HTTP stack may add or rewrite after signing; signing them would
+# break the signature in transit (same set botocore leaves out).
+_SIGV4_UNSIGNED_HEADERS = frozenset((
+    "authorization", "baggage", "connection", "expect", "keep-alive", "proxy-authenticate",
+    "proxy-authorization", "te", "traceparent", "tracestate", "trailer", "transfer-encoding",
+    "upgrade", "user-agent", "x-amzn-trace-id",
+))
+# Only RFC 3986 unreserved characters stay literal in SigV4 encodings.
+_SIGV4_UNRESERVED = "-_.~"
+
+
+def _sigv4_encode(text, keep_slash=False):
+    return urllib.parse.quote(text, safe=_SIGV4_UNRESERVED + ("/" if keep_slash else ""))
+
+
+def _sigv4_remove_dot_segments(path):
+    # AWS (except S3) canonicalises the path: "." and ".." resolved and empty segments dropped,
+    # keeping a leading and (for a non-root result) trailing slash.
+    kept = []
+    for segment in path.split("/"):
+        if segment in ("", "."):
+            continue
+        if segment == "..":
+            if kept:
+                kept.pop()
+            continue
+        kept.append(segment)
+    result = "/" + "/".join(kept)
+    if kept and path.endswith("/"):
+        result += "/"
+    return result
+
+
+def _sigv4_canonical_query(raw_query):
+    pairs = []
+    if raw_query:
+        for item in raw_query.split("&"):
+            key, _, value = item.partition("=")
+            # Decode first so that an already percent-encoded query is not double-encoded;
+            # "+" is kept literal (RFC 3986 has no "+ means space" rule).
+            pairs.append((_sigv4_encode(urllib.parse.unquote(key)),
+                          _sigv4_encode(urllib.parse.unquote(value))))
+    pairs.sort()
+    return "&".join(k + "=" + v for k, v in pairs)
+
+
+def _sigv4_host(url_parts):
+    host = url_parts.hostname or ""
+    if ":" in host:
+        host = "[" + host + "]"
+    default_port = {"http": 80, "https": 443}.get(url_parts.scheme)
+    if url_parts.port is not None and url_parts.port != default_port:
+        host += ":%d" % url_parts.port
+    return host
+
+
+def _sigv4_header_items(headers):
+    if headers is None:
+        return []
+    if hasattr(headers, "items"):
+        return list(headers.items())
+    return list(headers)
+
+
+def _sigv4_timestamp(now):
+    if now is None:
+        now = time.time()
+    if isinstance(now, datetime.datetime):
+        if now.tzinfo is not None:
+            now = now.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+        return now.strftime("%Y%m%dT%H%M%SZ")
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+
+
+def _hmac_sha256(key, message):
+    return hmac.new(key, message.encode("utf-8"), hashlib.sha256).digest()
+
+
+def sigv4_signing_key(secret_key, datestamp, region, service):
+    """The derived SigV4 key: HMAC chain over date, region, service and "aws4_request"."""
+    key = _hmac_sha256(("AWS4" + secret_key).encode("utf-8"), datestamp)
+    key = _hmac_sha256(key, region)
+    key = _hmac_sha256(key, service)
+    return _hmac_sha256(key, "aws4_request")
+
+
+def sigv4_canonical_request(method, url, headers, body, amz_date, session_token=None,
+                            normalize_path=True):
+    """Return (canonical_request, signed_headers) for a request as SigV4 sees it (spec §7.4)."""
+    if body is None:
+        body = b""
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    parts = urllib.parse.urlsplit(url)
+    grouped = collections.OrderedDict()
+    for name, value in _sigv4_header_items(headers):
+        lname = name.strip().lower()
+        if lname in _SIGV4_UNSIGNED_HEADERS or lname in ("x-amz-date", "x-amz-security-token"):
+            continue
+        grouped.setdefault(lname, []).append(" ".join(str(value).split()))
+    if "host" not in grouped:
+        grouped["host"] = [_sigv4_host(parts)]
+    grouped["x-amz-date"] = [amz_date]
+    if session_token:
+        grouped["x-amz-security-token"] = [" ".join(session_token.split())]
+    names = sorted(grouped)
+    canonical_headers = "".join(n + ":" + ",".join(grouped[n]) + "\n" for n in names)
+    signed_headers = ";".join(names)
+    path = parts.path or "/"
+    if normalize_path:
+        path = _sigv4_remove_dot_segments(path)
+    canonical = "\n".join((
+        method.upper(),
+        _sigv4_encode(path, keep_slash=True),
+        _sigv4_canonical_query(parts.query),
+        canonical_headers,
+        signed_headers,
+        hashlib.sha256(body).hexdigest(),
+    ))
+    return canonical, signed_headers
+
+
+def sigv4_sign(method, url, headers, body, region, service, access_key, secret_key,
+               session_token=None, now=None):
+    """Sign a request with AWS Signature Version 4 (header form, spec §7.4/§7.6).
+
+    `headers` (dict or list of (name, value)) are the headers that will be sent, except
+    Host, which is derived from the URL unless given. Every header not in the hop-by-hop
+    set is signed, like botocore does. Returns the headers to add: X-Amz-Date,
+    Authorization and, with a session token, X-Amz-Security-Token. `now` (epoch seconds or
+    datetime) pins the clock, for test vectors.
+    """
+    amz_date = _sigv4_timestamp(now)
+    datestamp = amz_date[:8]
+    canonical, signed_headers = sigv4_canonical_request(
+        method, url, headers, body, amz_date, session_token)
+    scope = "%s/%s/%s/aws4_request" % (datestamp, region, service)
+    string_to_sign = "\n".join((
+        SIGV4_ALGORITHM, amz_date, scope,
+        hashlib.sha256(canonical.encode("utf-8")).hexdigest(),
+    ))
+    signature = hmac.new(sigv4_signing_key(secret_key, datestamp, region, service),
+                         string_to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
+    added = collections.OrderedDict()
+    added["X-Amz-Date"] = amz_date
+    if session_token:
+        added["X-Amz-Security-Token"] = session_token
+    added["Authorization"] = "%s Credential=%s/%s, SignedHeaders=%s, Signature=%s" % (
+        SIGV4_ALGORITHM, access_key, scope, signed_headers, signature)
+    return dict(added)
+
+
+def sts_endpoint_for_region(region):
+    """(endpoint URL, signing region) for STS in the aws partition (spec §7.2, §7.6)."""
+    if not region or region == "aws-global":
+        # The legacy global endpoint is signed as us-east-1.
+        return "https://sts.amazonaws.com/", "us-east-1"
+    return "https://sts.%s.amazonaws.com/" % region, region
+
+
+def parse_imds_time(text):
+    """Epoch seconds from an ISO-8601 UTC timestamp ("Z" or +00:00, optional fraction)."""
+    text = text.strip()
+    match = re.match(r"^(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}:\d{2})(\.\d+)?(Z|[+-]\d{2}:?\d{2})?$",
+                     text)
+    if not match:
+        raise ValueError("not an ISO-8601 timestamp: %r" % text)
+    epoch = calendar.timegm(time.strptime(match.group(1) + "T" + match.group(2),
+                                          "%Y-%m-%dT%H:%M:%S"))
+    zone = match.group(4)
+    if zone and zone != "Z":
+        sign = 1 if zone[0] == "+" else -1
+        digits = zone[1:].replace(":", "")
+        epoch -= sign * (int(digits[:2]) * 3600 + int(digits[2:]) * 60)
+    return float(epoch)
+
+
+def format_imds_time(epoch):
+    """The only timestamp form IMDS clients accept: %Y-%m-%dT%H:%M:%SZ (spec §4)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def _sts_ssl_context(environ):
+    bundle = environ.get("AWS_CA_BUNDLE")
+    if bundle:
+        return ssl.create_default_context(cafile=bundle)
+    return ssl.create_default_context()
+
+
+def _sts_error_text(body):
+    """'Code: Message' from an STS XML error body, or a short excerpt if it is not XML."""
+    try:
+        root = ElementTree.fromstring(body)
+    except ElementTree.ParseError:
+        return body[:200].decode("utf-8", "replace").strip() or "(empty body)"
+    code = root.findtext(".//{*}Error/{*}Code") or root.findtext(".//Error/Code") or "?"
+    message = root.findtext(".//{*}Error/{*}Message") or root.findtext(".//Error/Message") or ""
+    return "%s: %s" % (code, message)
+
+
+def sts_build_request(params, keys, region=None, endpoint=None, now=None):
+    """(url, headers, body) of a signed STS Query API POST, exactly as sts_call sends it."""
+    default_url, signing_region = sts_endpoint_for_region(region)
+    url = endpoint or default_url
+    body = urllib.parse.urlencode(params).encode("ascii")
+    headers = collections.OrderedDict()
+    headers["Content-Type"] = STS_FORM_CONTENT_TYPE
+    headers.update(sigv4_sign("POST", url, headers, body, signing_region, "sts",
+                              keys.access_key, keys.secret_key, keys.session_token, now=now))
+    return url, headers, body
+
+
+def sts_call(params, keys, region=None, endpoint=None, timeout=10.0, environ=None, now=None):
+    """POST a signed STS Query API call; return the parsed Credentials (spec §7.6).
+
+    `keys` are the source AwsKeys. Without `endpoint` the regional endpoint of `region` is
+    used (global when region is empty); with it, `region` still names the signing region.
+    Raises CredentialError naming the STS error code. Returns dict(AccessKeyId,
+    SecretAccessKey, Token, Expiration epoch, AssumedRoleArn).
+    """
+    environ = os.environ if environ is None else environ
+    url, headers, body = sts_build_request(params, keys, region, endpoint, now)
+    request = urllib.request.Request(url, data=body, method="POST", headers=dict(headers))
+    context = _sts_ssl_context(environ) if url.startswith("https:") else None
+    action = params.get("Action", "STS")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
+            payload = response.read()
+    except urllib.error.HTTPError as error:
+        detail = _sts_error_text(error.read())
+        raise CredentialError("STS %s at %s failed: HTTP %d %s"
+                              % (action, url, error.code, detail), status=502)
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise CredentialError("STS %s at %s unreachable: %s" % (action, url, reason),
+                              status=502)
+    try:
+        root = ElementTree.fromstring(payload)
+    except ElementTree.ParseError:
+        raise CredentialError("STS %s at %s returned a body that is not XML" % (action, url),
+                              status=502)
+    creds = root.find(".//{%s}Credentials" % STS_XML_NAMESPACE)
+    if creds is None:
+        creds = root.find(".//{*}Credentials")
+    if creds is None:
+        raise CredentialError("STS %s at %s returned no Credentials" % (action, url),
+                              status=502)
+
+    def field(name):
+        return (creds.findtext("{*}" + name) or creds.findtext(name) or "").strip()
+
+    result = {
+        "AccessKeyId": field("AccessKeyId"),
+        "SecretAccessKey": field("SecretAccessKey"),
+        "Token": field("SessionToken"),
+        "AssumedRoleArn": (root.findtext(".//{*}AssumedRoleUser/{*}Arn") or "").strip(),
+    }
+    if not (result["AccessKeyId"] and result["SecretAccessKey"]):
+        raise CredentialError("STS %s at %s returned incomplete Credentials" % (action, url),
+                              status=502)
+    try:
+        result["Expiration"] = parse_imds_time(field("Expiration"))
+    except ValueError:
+        raise CredentialError("STS %s at %s returned an unreadable Expiration"
+                              % (action, url), status=502)
+    return result
+
+
+def sts_assume_role(role_arn, keys, session_name="mds", region=None, endpoint=None,
+                    duration=3600, external_id=None, timeout=10.0, environ=None, now=None):
+    """STS AssumeRole signed with the source `keys` (AwsKeys); see sts_call for the result."""
+    params = collections.OrderedDict((
+        ("Action", "AssumeRole"), ("Version", STS_API_VERSION), ("RoleArn", role_arn),
+        ("RoleSessionName", session_name), ("DurationSeconds", str(int(duration))),
+    ))
+    if external_id:
+        params["ExternalId"] = external_id
+    return sts_call(params, keys, region=region, endpoint=endpoint, timeout=timeout,
+                    environ=environ, now=now)
+
+
+def sts_get_session_token(keys, region=None, endpoint=None, duration=43200, timeout=10.0,
+                          environ=None, now=None):
+    """STS GetSessionToken with long-term `keys` (no session token allowed, spec §7.2)."""
+    params = collections.OrderedDict((
+        ("Action", "GetSessionToken"), ("Version", STS_API_VERSION),
+        ("DurationSeconds", str(int(duration))),
+    ))
+    return sts_call(params, keys, region=region, endpoint=endpoint, timeout=timeout,
+                    environ=environ, now=now)
+
+
 # ---- the server ------------------------------------------------------------------------------
 
 
@@ -1932,13 +5145,15 @@ class MetadataServer:
     """
 
     def __init__(self, config=None, host="127.0.0.1", port=0, flavor="gce", signing_key=None,
-                 poll_interval=1.0, credentials=None, options=None):
+                 poll_interval=1.0, credentials=None, signer=None, identity=None, options=None):
         if flavor not in FLAVORS:
             raise ConfigError("unknown flavor %r (choose from %s)" % (flavor, ", ".join(FLAVORS)))
         self.host = host
         self.requested_port = port
         self.options = dict(options or {})
         self.credentials = credentials          # spec for the primary account, from the CLI
+        self.signer = signer                    # a TPM-held key for specs that say "tpm": true
+        self.identity = dict(identity or {})    # project / account overrides from the CLI
         self.config_path = None
         self.poll_interval = poll_interval
         self.started_at = int(time.time())
@@ -1962,6 +5177,9 @@ class MetadataServer:
             document = self._read_config()
         else:
             document = self.flavor.default_document()
+        self._explicit_document = bool(config)
+        self._adopt_key_file_identity()
+        document = self._prepare(document)
         self.settings = document.get("mds") or {} if isinstance(document, dict) else {}
         self.store = MetadataStore(document, self.flavor.compile)
 
@@ -1975,6 +5193,8 @@ class MetadataServer:
             threading.stack_size(512 * 1024)
         self._httpd = family_server((self.host, self.requested_port), self)
         self._spawn(self._httpd.serve_forever, "mds-http", 0.05)
+        if hasattr(self.flavor, "start"):
+            self.flavor.start()
         if self.config_path:
             self._spawn(self._watch_config, "mds-config-watch")
         self.signing_key.start()
@@ -1990,6 +5210,8 @@ class MetadataServer:
         self._stop.set()
         self._reload_requested.set()
         self.store.wake()
+        if hasattr(self.flavor, "stop"):
+            self.flavor.stop()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
@@ -2054,7 +5276,7 @@ class MetadataServer:
         if not self.config_path:
             return False
         try:
-            document = self._read_config()
+            document = self._prepare(self._read_config())
             self.store.replace(document)
         except ConfigError as exc:
             log.error("config reload failed, still serving the previous tree: %s", exc)
@@ -2062,6 +5284,27 @@ class MetadataServer:
         self.settings = document.get("mds") or {}
         log.info("reloaded %s", self.config_path)
         return True
+
+    def _prepare(self, document):
+        """Apply the command line's identity (project, primary account) to a loaded document."""
+        if not self.identity or not hasattr(self.flavor, "apply_identity"):
+            return document
+        return self.flavor.apply_identity(document, self.identity,
+                                          explicit=self._explicit_document)
+
+    def _adopt_key_file_identity(self):
+        """A key file names its account and project: use them where the config has none."""
+        spec = self.credentials or {}
+        if spec.get("type") != "key-file" or not spec.get("path"):
+            return
+        try:
+            source = build_credential_source(spec, signer=self.signer)
+        except CredentialError as exc:
+            raise ConfigError("--service-account-file %s: %s" % (spec["path"], exc))
+        if getattr(source, "email", None):
+            self.identity.setdefault("key_file_email", source.email)
+        if getattr(source, "project_id", None):
+            self.identity.setdefault("key_file_project_id", source.project_id)
 
     def request_reload(self):
         """Ask the watcher thread to reload now (safe to call from a signal handler)."""
@@ -2102,10 +5345,11 @@ class MetadataServer:
 
     # -- credentials ------------------------------------------------------------------------
 
-    def source_for(self, email_address, spec=None):
+    def source_for(self, email_address, spec=None, account_options=None):
         """The credential source of an account, reused across reloads while its spec holds."""
-        spec = spec or (self.credentials if self.credentials and
-                        self.credentials.get("account") in (None, email_address) else None)
+        key_id = (account_options or {}).get("keyId")
+        if spec and spec.get("tpm") and key_id and not spec.get("key_id"):
+            spec = dict(spec, key_id=key_id)
         key = (email_address, canonical_json(spec) if spec else None)
         with self._sources_guard:
             source = self._sources.get(key)
@@ -2116,7 +5360,29 @@ class MetadataServer:
     def _build_source(self, email_address, spec):
         if not spec or spec.get("type") in (None, "offline"):
             return OfflineSource(email_address, unique_id_for(email_address), self.signing_key)
-        raise ConfigError("unknown credential source type %r" % spec.get("type"))
+        signer = None
+        if spec.get("tpm"):
+            if self.signer is None:
+                raise ConfigError("credentials for %s want a TPM key: start mds with --tpm"
+                                  % email_address)
+            signer = self.signer
+            if spec.get("key_id"):
+                signer.key_id = spec["key_id"]
+            spec = dict(spec, client_email=spec.get("client_email") or email_address)
+        try:
+            source = build_credential_source(spec, signer=signer, account_email=email_address)
+        except CredentialError as exc:
+            raise ConfigError("credentials for %s: %s" % (email_address, exc))
+        source_email = getattr(source, "email", None)
+        if source_email and source_email != email_address:
+            raise ConfigError("the credentials configured for %s are for %s"
+                              % (email_address, source_email))
+        return source
+
+    def offline(self):
+        """True when some account's tokens are minted locally (Google would reject them)."""
+        accounts = getattr(self.store.tree, "accounts", None) or {}
+        return any(isinstance(a.source, OfflineSource) for a in accounts.values() if a)
 
     def describe_sources(self):
         tree = self.store.tree
@@ -2162,14 +5428,105 @@ def build_parser():
                              "changes every second")
     parser.add_argument("--flavor", default="gce", choices=sorted(FLAVORS),
                         help="which metadata server to be (default gce)")
-    parser.add_argument("--signing-key", metavar="PEM",
-                        help="RSA private key (PEM) that signs offline identity tokens; default:"
-                             " a key generated at startup")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"],
                         help="logging verbosity (debug logs every request)")
     parser.add_argument("--version", action="version", version="mds " + __version__)
+
+    google = parser.add_argument_group(
+        "Google credentials (for the default service account; per-account sources go in the "
+        "config's \"mds\" section). Without any of these, tokens are minted offline.")
+    google.add_argument("--signing-key", metavar="PEM",
+                        help="RSA private key (PEM) that signs offline identity tokens; default:"
+                             " a key generated at startup")
+    google.add_argument("--service-account-file", metavar="FILE",
+                        help="service-account key JSON: tokens from Google via the JWT-bearer "
+                             "grant (honours ?scopes=); email and project are taken from it "
+                             "when the config has none")
+    google.add_argument("--token-mode", choices=["oauth", "self-signed"],
+                        help="with a key file or --tpm: oauth (default) asks Google for tokens; "
+                             "self-signed mints JWT access and identity tokens offline, signed "
+                             "by the key (honours ?scopes=)")
+    google.add_argument("--impersonate", nargs="?", const=True, metavar="EMAIL",
+                        help="impersonate the config's default account (or EMAIL) using your "
+                             "own ADC; needs pip install \"mds[google]\" (honours ?scopes=)")
+    google.add_argument("--federate", action="store_true",
+                        help="workload identity federation: the external-account file named by "
+                             "GOOGLE_APPLICATION_CREDENTIALS, optionally with --impersonate; "
+                             "needs pip install \"mds[google]\" (honours ?scopes=)")
+    google.add_argument("--access-token", metavar="TOKEN",
+                        help="serve this access token (env GOOGLE_ACCESS_TOKEN; ignores "
+                             "?scopes=)")
+    google.add_argument("--id-token", metavar="JWT",
+                        help="serve this identity token for every audience (env "
+                             "GOOGLE_ID_TOKEN)")
+    google.add_argument("--project-id", metavar="ID",
+                        help="override project/project-id (env GOOGLE_PROJECT_ID)")
+    google.add_argument("--numeric-project-id", metavar="NUMBER",
+                        help="override project/numeric-project-id (env "
+                             "GOOGLE_NUMERIC_PROJECT_ID)")
+    google.add_argument("--service-account", metavar="EMAIL",
+                        help="override the default service account's email (env "
+                             "GOOGLE_SERVICE_ACCOUNT)")
+
+    tpm = parser.add_argument_group(
+        "TPM-held key (needs pip install \"mds[tpm]\"); the account is the config's default "
+        "service account, the key id its \"keyId\" in the \"mds\" section")
+    tpm.add_argument("--tpm", action="store_true",
+                     help="sign the default account's tokens with a key held in a TPM")
+    tpm.add_argument("--tpm-path", default="/dev/tpmrm0", metavar="PATH",
+                     help="TPM device or TCTI: /dev/tpmrm0 (default), device:/dev/tpm0, "
+                          "swtpm:host=127.0.0.1,port=2321, swtpm:path=/run/swtpm.sock")
+    tpm.add_argument("--tpm-persistent-handle", type=lambda text: int(text, 0), metavar="HANDLE",
+                     help="the key's persistent handle, e.g. 0x81010002")
+    tpm.add_argument("--tpm-key-file", metavar="FILE",
+                     help="the key as a TSS2 PRIVATE KEY PEM (tpm2_encodeobject, tpm2-openssl)")
+    tpm.add_argument("--tpm-key-pass", metavar="PASSWORD", help="the key's password")
+    tpm.add_argument("--tpm-parent-pass", metavar="PASSWORD",
+                     help="the parent's (owner or endorsement hierarchy's) password")
+    tpm.add_argument("--tpm-pcrs", metavar="PCRS",
+                     help="PCR policy the key is bound to: 23 or sha256:0,7,23")
+    tpm.add_argument("--tpm-ek-parent", action="store_true",
+                     help="the key was imported (transferred) under the RSA endorsement key")
+    tpm.add_argument("--tpm-session-encrypt-with-name", metavar="HEX",
+                     help="salt and encrypt TPM sessions to the key with this name (the EK's)")
+
+    for add_arguments in FLAVOR_ARGUMENTS:
+        add_arguments(parser)
     return parser
+
+
+def credentials_from_args(args, environ=None):
+    """(spec for the primary account, TPM signer, identity overrides) from the command line."""
+    environ = os.environ if environ is None else environ
+    identity = {
+        "project_id": args.project_id or environ.get("GOOGLE_PROJECT_ID"),
+        "numeric_project_id": args.numeric_project_id or environ.get("GOOGLE_NUMERIC_PROJECT_ID"),
+        "service_account": args.service_account or environ.get("GOOGLE_SERVICE_ACCOUNT"),
+    }
+    identity = {key: value for key, value in identity.items() if value}
+    signer = None
+    try:
+        if args.tpm:
+            signer = TpmSigner.from_options(
+                tpm=True, tpm_path=args.tpm_path, tpm_persistent_handle=args.tpm_persistent_handle,
+                tpm_key_file=args.tpm_key_file, tpm_key_pass=args.tpm_key_pass,
+                tpm_parent_pass=args.tpm_parent_pass, tpm_pcrs=args.tpm_pcrs,
+                tpm_ek_parent=args.tpm_ek_parent,
+                tpm_session_encrypt_with_name=args.tpm_session_encrypt_with_name)
+            spec = {"type": "key-file", "tpm": True, "token_mode": args.token_mode or "oauth"}
+            if args.service_account_file:
+                spec["path"] = args.service_account_file
+            return spec, signer, identity
+        spec = credentials_spec_from_cli(
+            service_account_file=args.service_account_file, token_mode=args.token_mode,
+            impersonate=args.impersonate, federate=args.federate,
+            access_token=args.access_token, id_token=args.id_token, environ=environ)
+    except CredentialError as exc:
+        raise ConfigError(str(exc))
+    if spec and spec.get("type") == "federate" and args.impersonate:
+        spec["impersonate"] = args.impersonate
+    return spec, signer, identity
 
 
 def main(argv=None):
@@ -2178,17 +5535,22 @@ def main(argv=None):
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s mds %(levelname)s %(message)s")
     try:
+        spec, signer, identity = credentials_from_args(args)
         server = MetadataServer(config=args.config, host=args.host, port=args.port,
-                                flavor=args.flavor, signing_key=args.signing_key)
+                                flavor=args.flavor, signing_key=args.signing_key,
+                                credentials=spec, signer=signer, identity=identity,
+                                options=ec2_options_from_args(args) if args.flavor == "ec2"
+                                else None)
         server.start()
-    except (ConfigError, OSError) as exc:
+    except (ConfigError, CredentialError, OSError) as exc:
         parser.exit(2, "mds: error: %s\n" % exc)
     log.info("serving the %s metadata server at %s (config: %s)", args.flavor, server.url,
              server.config_path or "built-in default")
     for line in server.describe_sources():
         log.info("credentials %s", line)
-    if any(isinstance(a.source, OfflineSource)
-           for a in (getattr(server.store.tree, "accounts", None) or {}).values() if a):
+    for line in getattr(server.flavor, "startup_lines", lambda: [])():
+        log.info("%s", line)
+    if server.offline():
         log.warning("OFFLINE MODE: tokens are minted locally and Google will reject them; "
                     "identity tokens verify against %s/oauth2/v3/certs", server.url)
     for name, value in server.env.items():

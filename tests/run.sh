@@ -22,6 +22,7 @@ node_stamp="$node_dir/node_modules/.mds-package-lock.sha256"
 # with gcc and the Python headers.
 apt_packages=(
   golang-go golang-google-cloud-dev golang-golang-x-oauth2-google-dev
+  golang-github-aws-aws-sdk-go-v2-dev
   swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config openssl
   gcc python3 python3-dev python3-venv
 )

@@ -1,0 +1,814 @@
+"""Google credential sources against a local fake Google (tests/fake_google.py).
+
+Every token a test accepts was issued (and recorded) by the fake, and every assertion the
+fake accepted had its RS256 signature checked with `cryptography` against the key the fake
+generated, so these tests fail if signing, claims or the HTTP exchange are wrong.
+"""
+
+import base64
+import json
+import logging
+import os
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+import mds
+from clients import run_go, run_node, run_python
+from fake_google import FakeGoogle, b64url_decode
+
+CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
+STORAGE_READ = "https://www.googleapis.com/auth/devstorage.read_only"
+PUBSUB = "https://www.googleapis.com/auth/pubsub"
+FAST_RETRIES = (0.01, 0.02)
+
+
+@pytest.fixture
+def fake():
+    with FakeGoogle() as google:
+        yield google
+
+
+@pytest.fixture
+def key_file(fake, tmp_path):
+    path, account = fake.write_key_file(tmp_path)
+    return path, account
+
+
+def jwt_parts(token):
+    header, claims, _ = token.split(".")
+    return json.loads(b64url_decode(header)), json.loads(b64url_decode(claims))
+
+
+def verify_with_key(token, public_key):
+    """Claims of an RS256 JWT whose signature `public_key` verifies (raises otherwise)."""
+    head, body, signature = token.split(".")
+    public_key.verify(b64url_decode(signature), (head + "." + body).encode("ascii"),
+                      padding.PKCS1v15(), hashes.SHA256())
+    return jwt_parts(token)
+
+
+def assert_secret_free(text, *secret_values):
+    for value in secret_values:
+        if value:
+            assert value not in text
+    assert "BEGIN" not in text and "PRIVATE KEY" not in text
+    assert "ya29." not in text
+    assert "eyJ" not in text
+
+
+def key_secrets(account):
+    """Distinctive chunks of the private key's base64 body (a leak of any line is caught)."""
+    body = [line for line in account.key_pem().splitlines() if "-----" not in line]
+    return body[1:4]
+
+
+# ---------------------------------------------------------------- key file, oauth mode
+
+
+def test_key_file_access_token_is_the_one_google_issued(fake, key_file):
+    path, account = key_file
+    source = mds.KeyFileSource(path, retry_delays=FAST_RETRIES)
+    assert source.email == account.email and source.project_id == account.project_id
+
+    before = time.time()
+    token = source.access_token((STORAGE_READ, PUBSUB))
+
+    issued = fake.issued_tokens[token.value]
+    assert issued == {"principal": account.email, "scopes": [STORAGE_READ, PUBSUB]}
+    assert before + 3599 - 2 <= token.expiry <= time.time() + 3599
+    # What the fake verified server-side, re-checked here claim by claim.
+    header, claims = fake.last_assertion
+    assert header["alg"] == "RS256" and header["kid"] == account.key_id
+    assert claims["iss"] == account.email
+    assert claims["aud"] == fake.token_uri
+    assert claims["scope"] == STORAGE_READ + " " + PUBSUB
+    assert "target_audience" not in claims
+    assert abs(claims["iat"] - before) <= 5 and claims["exp"] - claims["iat"] <= 3600
+    # And the signature against the account's public key, independently of the fake.
+    sent = fake.last_request["token:jwt-bearer"]
+    assert sent["grant_type"] == "urn:ietf:params:oauth:grant-type:jwt-bearer"
+    verify_with_key(sent["assertion"], account.private_key.public_key())
+    assert fake.count("token:jwt-bearer") == 1
+
+
+def test_key_file_pkcs1_key_and_inline_dict(fake, tmp_path):
+    account = fake.add_service_account()
+    info = fake.service_account_key_info(account, pkcs1=True)
+    assert "BEGIN RSA PRIVATE KEY" in info["private_key"]
+    source = mds.KeyFileSource(info)
+    token = source.access_token((CLOUD_PLATFORM,))
+    assert fake.issued_tokens[token.value]["principal"] == account.email
+
+
+def test_key_file_without_scopes_asks_for_cloud_platform(fake, key_file):
+    source = mds.KeyFileSource(key_file[0])
+    token = source.access_token(())
+    assert fake.issued_tokens[token.value]["scopes"] == [CLOUD_PLATFORM]
+
+
+def test_key_file_id_token_is_google_signed(fake, key_file):
+    path, account = key_file
+    source = mds.KeyFileSource(path)
+    token = source.id_token("https://service.example.com/x?y=1", fmt="full",
+                            compute_claims={"instance_id": "1"})
+
+    claims = verify_with_key(token.value, fake.google_key.public_key())[1]
+    assert claims["aud"] == "https://service.example.com/x?y=1"
+    assert claims["email"] == account.email and claims["sub"] == account.unique_id
+    assert token.expiry == claims["exp"]
+    assert "google" not in claims  # upstream id tokens cannot carry compute claims
+    _, assertion = fake.last_assertion
+    assert assertion["target_audience"] == "https://service.example.com/x?y=1"
+    assert "scope" not in assertion
+
+
+def test_fake_rejects_an_assertion_signed_by_another_key(fake, tmp_path):
+    """The fake really verifies signatures: a key file whose key Google does not know fails."""
+    path, account = fake.write_key_file(tmp_path)
+    info = json.load(open(path))
+    stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    info["private_key"] = stranger.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()).decode()
+    source = mds.KeyFileSource(info, retry_delays=FAST_RETRIES)
+    with pytest.raises(mds.CredentialError) as caught:
+        source.access_token((CLOUD_PLATFORM,))
+    assert caught.value.status == 403
+    assert "invalid_grant" in str(caught.value)
+    assert "Invalid JWT Signature" in str(caught.value)
+    assert fake.count("token:jwt-bearer") == 1  # a client error is not retried
+
+
+# ---------------------------------------------------------------- key file, self-signed
+
+
+def _fake_cert_for(fake, account):
+    url = fake.url + "/service_accounts/v1/metadata/x509/" + account.email
+    with urllib.request.urlopen(url) as response:
+        return json.load(response)
+
+
+def test_self_signed_access_token_is_offline_and_google_auth_decodes_it(fake, key_file):
+    import google.auth.jwt
+
+    path, account = key_file
+    fake.stop()  # no network at all
+    source = mds.KeyFileSource(path, token_mode="self-signed")
+    token = source.access_token((STORAGE_READ,))
+    fake.start()
+    certs = _fake_cert_for(fake, account)
+
+    claims = google.auth.jwt.decode(token.value, certs=certs)
+    assert claims["iss"] == claims["sub"] == account.email
+    assert claims["scope"] == STORAGE_READ and "aud" not in claims
+    assert claims["exp"] - claims["iat"] == 3600 and token.expiry == claims["exp"]
+    assert jwt_parts(token.value)[0] == {"alg": "RS256", "kid": account.key_id, "typ": "JWT"}
+    assert fake.count() == 0
+
+
+def test_self_signed_access_token_with_audience_when_no_scopes(fake, key_file):
+    import google.auth.jwt
+
+    path, account = key_file
+    source = mds.KeyFileSource(path, token_mode="self-signed",
+                               self_signed_audience="https://pubsub.googleapis.com/")
+    claims = google.auth.jwt.decode(source.access_token(()).value,
+                                    certs=_fake_cert_for(fake, account),
+                                    audience="https://pubsub.googleapis.com/")
+    assert claims["aud"] == "https://pubsub.googleapis.com/" and "scope" not in claims
+    # With scopes asked for, `scope` wins (as in google-auth's _create_self_signed_jwt).
+    claims = google.auth.jwt.decode(source.access_token((PUBSUB,)).value,
+                                    certs=_fake_cert_for(fake, account))
+    assert claims["scope"] == PUBSUB and "aud" not in claims
+
+
+def test_self_signed_id_token_verifies_against_the_published_key_cert(fake, key_file):
+    import google.auth.transport.requests
+    import google.oauth2.id_token
+
+    path, account = key_file
+    source = mds.KeyFileSource(path, token_mode="self-signed")
+    compute = {"instance_id": "4340508760561261530", "project_number": 716149158341,
+               "zone": "us-central1-a"}
+    token = source.id_token("https://api.example.com", fmt="full", compute_claims=compute)
+
+    claims = google.oauth2.id_token.verify_token(
+        token.value, google.auth.transport.requests.Request(),
+        audience="https://api.example.com",
+        certs_url=fake.url + "/service_accounts/v1/metadata/x509/" + account.email)
+    assert claims["iss"] == "https://accounts.google.com"
+    assert claims["azp"] == claims["sub"] == account.unique_id
+    assert claims["email"] == account.email and claims["email_verified"] is True
+    assert claims["google"] == {"compute_engine": compute}
+    assert token.expiry == claims["exp"] == claims["iat"] + 3600
+    standard = source.id_token("https://api.example.com")
+    assert "google" not in jwt_parts(standard.value)[1]
+    assert fake.count() == 0
+
+
+# ---------------------------------------------------------------- key file failures
+
+
+@pytest.mark.parametrize("mode, status, words", [
+    ("invalid_grant", 403, ["invalid_grant", "Invalid JWT Signature"]),
+    (401, 403, ["HTTP 401", "unauthorized_client"]),
+    (403, 403, ["HTTP 403", "unauthorized_client"]),
+])
+def test_key_file_client_errors_name_the_cause_without_secrets(
+        fake, key_file, caplog, mode, status, words):
+    path, account = key_file
+    source = mds.KeyFileSource(path, retry_delays=FAST_RETRIES)
+    fake.fail_next(1, mode)
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(mds.CredentialError) as caught:
+        source.access_token((CLOUD_PLATFORM,))
+    message = str(caught.value)
+    assert caught.value.status == status
+    for word in words:
+        assert word in message
+    assert account.email in message and fake.url in message
+    assertion = fake.last_request["token:jwt-bearer"]["assertion"]
+    for text in (message, caplog.text):
+        assert_secret_free(text, assertion, *key_secrets(account))
+    assert fake.count("token:jwt-bearer") == 1
+    # Recovery: the next request succeeds.
+    assert source.access_token((CLOUD_PLATFORM,)).value in fake.issued_tokens
+
+
+def test_key_file_transient_errors_are_retried(fake, key_file, caplog):
+    source = mds.KeyFileSource(key_file[0], retry_delays=FAST_RETRIES)
+    fake.fail_next(1, 503)
+    fake.fail_next(1, "close")
+    caplog.set_level(logging.WARNING)
+    token = source.access_token((CLOUD_PLATFORM,))
+    assert token.value in fake.issued_tokens
+    assert fake.count("token:jwt-bearer") == 3
+    assert "retrying" in caplog.text
+    assert_secret_free(caplog.text, token.value)
+
+
+def test_key_file_persistent_5xx_gives_502_after_bounded_retries(fake, key_file, caplog):
+    source = mds.KeyFileSource(key_file[0], retry_delays=FAST_RETRIES)
+    fake.fail_next(10, 500)
+    started = time.time()
+    with pytest.raises(mds.CredentialError) as caught:
+        source.id_token("https://aud.example")
+    assert caught.value.status == 502
+    assert "HTTP 500" in str(caught.value) and "UNAVAILABLE" in str(caught.value)
+    assert fake.count("token:jwt-bearer") == 3 and time.time() - started < 5
+    assert_secret_free(str(caught.value) + caplog.text,
+                       fake.last_request["token:jwt-bearer"]["assertion"])
+
+
+def test_network_down_then_recovery(fake, key_file, caplog):
+    path, account = key_file
+    source = mds.KeyFileSource(path, retry_delays=FAST_RETRIES)
+    port = fake.port
+    fake.stop()
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(mds.CredentialError) as caught:
+        source.access_token((CLOUD_PLATFORM,))
+    assert caught.value.status == 502
+    assert "network error" in str(caught.value)
+    assert "refused" in str(caught.value).lower()
+    assert_secret_free(str(caught.value) + caplog.text, *key_secrets(account))
+    fake.start(port)
+    assert source.access_token((CLOUD_PLATFORM,)).value in fake.issued_tokens
+
+
+def _pem(key, fmt=serialization.PrivateFormat.PKCS8, password=None):
+    encryption = (serialization.BestAvailableEncryption(password) if password
+                  else serialization.NoEncryption())
+    return key.private_bytes(serialization.Encoding.PEM, fmt, encryption).decode()
+
+
+@pytest.mark.parametrize("broken, words", [
+    ({"private_key": "encrypted"}, ["unusable private_key", "encrypt"]),
+    ({"private_key": "ec"}, ["unusable private_key"]),
+    ({"private_key": "garbage"}, ["unusable private_key"]),
+    ({"private_key": None}, ["has no private_key"]),
+    ({"client_email": None}, ["has no client_email"]),
+    ({"type": "authorized_user"}, ["not a service-account key"]),
+])
+def test_bad_key_files_fail_fast_with_a_clear_line(fake, tmp_path, caplog, broken, words):
+    path, account = fake.write_key_file(tmp_path)
+    info = json.load(open(path))
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    replacements = {
+        "encrypted": _pem(rsa_key, password=b"hunter2"),
+        "ec": _pem(ec.generate_private_key(ec.SECP256R1())),
+        "garbage": "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n",
+    }
+    for field, value in broken.items():
+        info[field] = replacements.get(value, value)
+    with open(path, "w") as handle:
+        json.dump(info, handle)
+    with pytest.raises(mds.CredentialError) as caught:
+        mds.KeyFileSource(path)
+    message = str(caught.value)
+    assert path in message
+    for word in words:
+        assert word.lower() in message.lower()
+    assert_secret_free(message + caplog.text, *key_secrets(account))
+    if isinstance(info.get("private_key"), str):
+        body = [l for l in info["private_key"].splitlines() if "-----" not in l]
+        assert_secret_free(message, *body[:3])
+
+
+def test_missing_key_file_names_the_path(tmp_path):
+    with pytest.raises(mds.CredentialError) as caught:
+        mds.KeyFileSource(str(tmp_path / "nope.json"))
+    assert "nope.json" in str(caught.value)
+
+
+def test_injected_signer_uses_only_email_and_token_uri_from_config(fake):
+    account = fake.add_service_account()
+
+    class ExternalSigner:
+        """Stands in for the TPM signer: any object with sign/public_numbers/key_id."""
+        key_id = account.key_id
+
+        def sign(self, message):
+            return account.private_key.sign(message, padding.PKCS1v15(), hashes.SHA256())
+
+        def public_numbers(self):
+            numbers = account.private_key.public_key().public_numbers()
+            return numbers.n, numbers.e
+
+    source = mds.build_credential_source(
+        {"type": "key-file", "client_email": account.email, "token_uri": fake.token_uri},
+        signer=ExternalSigner())
+    token = source.access_token((CLOUD_PLATFORM,))
+    assert fake.issued_tokens[token.value]["principal"] == account.email
+    assert fake.last_assertion[0]["kid"] == account.key_id
+
+
+# ---------------------------------------------------------------- impersonation
+
+
+@pytest.fixture
+def user_credentials(fake, tmp_path):
+    """The user's ADC as `gcloud auth application-default login` leaves it. google-auth always
+    sends authorized-user refreshes to oauth2.googleapis.com (it ignores the file's
+    token_uri), so the test redirects this one object to the fake; everything else is the
+    real google-auth refresh-token flow."""
+    import google.oauth2.credentials
+
+    path = fake.write_authorized_user_file(tmp_path)
+    credentials = google.oauth2.credentials.Credentials.from_authorized_user_file(
+        path, scopes=[CLOUD_PLATFORM])
+    return credentials.with_token_uri(fake.token_uri)
+
+
+def test_impersonation_access_token_via_iam(fake, user_credentials):
+    target = fake.add_service_account()
+    source = mds.ImpersonatedSource(target.email, source_credentials=user_credentials,
+                                    iam_endpoint_override=fake.url,
+                                    retry_delays=FAST_RETRIES)
+    assert source.honours_scopes
+    token = source.access_token((STORAGE_READ,))
+    assert fake.issued_tokens[token.value] == {"principal": target.email,
+                                               "scopes": [STORAGE_READ]}
+    assert abs(token.expiry - (time.time() + 3600)) < 5
+    request = fake.last_request["iam:generateAccessToken"]
+    assert request["_email"] == target.email and request["lifetime"] == "3600s"
+    # The ADC refresh token was used once; its access token is reused for the next mint.
+    token2 = source.access_token((PUBSUB,))
+    assert fake.issued_tokens[token2.value]["scopes"] == [PUBSUB]
+    assert fake.count("token:refresh") == 1
+    assert fake.count("iam:generateAccessToken") == 2
+
+
+def test_impersonation_uses_application_default_credentials(fake, tmp_path, monkeypatch):
+    # ADC here is a service-account key (google-auth honours its token_uri); the target is
+    # another account that this one may impersonate.
+    adc_key, caller = fake.write_key_file(tmp_path)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", adc_key)
+    target = fake.add_service_account()
+    source = mds.build_credential_source({"type": "impersonate", "target": target.email,
+                                          "iam_endpoint": fake.url})
+    assert isinstance(source, mds.ImpersonatedSource)
+    token = source.access_token(())
+    assert fake.issued_tokens[token.value] == {"principal": target.email,
+                                               "scopes": [CLOUD_PLATFORM]}
+
+
+def test_impersonation_id_token(fake, user_credentials):
+    target = fake.add_service_account()
+    source = mds.ImpersonatedSource(target.email, delegates=("chain@p.iam.gserviceaccount.com",),
+                                    source_credentials=user_credentials,
+                                    iam_endpoint_override=fake.url)
+    token = source.id_token("https://run.example.com")
+    claims = verify_with_key(token.value, fake.google_key.public_key())[1]
+    assert claims["aud"] == "https://run.example.com" and claims["email"] == target.email
+    assert token.expiry == claims["exp"]
+    request = fake.last_request["iam:generateIdToken"]
+    assert request["includeEmail"] is True
+    assert request["delegates"] == ["projects/-/serviceAccounts/chain@p.iam.gserviceaccount.com"]
+    source.access_token(())
+    assert fake.last_request["iam:generateAccessToken"]["delegates"] == request["delegates"]
+
+
+def test_impersonation_denied_then_recovers(fake, user_credentials, caplog):
+    target = fake.add_service_account()
+    source = mds.ImpersonatedSource(target.email, source_credentials=user_credentials,
+                                    iam_endpoint_override=fake.url,
+                                    retry_delays=FAST_RETRIES)
+    caplog.set_level(logging.DEBUG)
+    fake.fail_next(1, 403, endpoint="iam:generateAccessToken")
+    with pytest.raises(mds.CredentialError) as caught:
+        source.access_token((CLOUD_PLATFORM,))
+    assert caught.value.status == 403
+    assert "PERMISSION_DENIED" in str(caught.value) and target.email in str(caught.value)
+    source_token = [t for t, i in fake.issued_tokens.items() if i["principal"].startswith("user:")]
+    refresh_token = next(iter(fake.authorized_users))
+    assert_secret_free(str(caught.value) + caplog.text, refresh_token, *source_token)
+
+    fake.fail_next(1, 503, endpoint="iam:generateAccessToken")  # transient: retried
+    token = source.access_token((CLOUD_PLATFORM,))
+    assert fake.issued_tokens[token.value]["principal"] == target.email
+    assert fake.count("iam:generateAccessToken") == 3
+
+
+def test_impersonation_of_an_unknown_account(fake, user_credentials):
+    source = mds.ImpersonatedSource("ghost@p.iam.gserviceaccount.com",
+                                    source_credentials=user_credentials,
+                                    iam_endpoint_override=fake.url)
+    with pytest.raises(mds.CredentialError) as caught:
+        source.id_token("aud")
+    assert caught.value.status == 403 and "NOT_FOUND" in str(caught.value)
+
+
+def test_impersonation_with_revoked_adc(fake, user_credentials):
+    fake.authorized_users.clear()  # Google forgot the refresh token
+    source = mds.ImpersonatedSource(fake.add_service_account().email,
+                                    source_credentials=user_credentials,
+                                    iam_endpoint_override=fake.url)
+    with pytest.raises(mds.CredentialError) as caught:
+        source.access_token((CLOUD_PLATFORM,))
+    assert caught.value.status == 403 and "invalid_grant" in str(caught.value)
+    assert "1//" not in str(caught.value)
+
+
+def test_missing_google_extra_is_a_clear_error(monkeypatch):
+    for name in list(sys.modules):
+        if name == "google.auth" or name.startswith("google.auth."):
+            monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "google.auth", None)
+    with pytest.raises(mds.CredentialError) as caught:
+        mds.ImpersonatedSource("a@b.iam.gserviceaccount.com")
+    assert str(caught.value) == 'impersonation needs the google extra: pip install "mds[google]"'
+    with pytest.raises(mds.CredentialError) as caught:
+        mds.FederatedSource({"type": "external_account"})
+    assert 'pip install "mds[google]"' in str(caught.value)
+
+
+# ---------------------------------------------------------------- workload federation
+
+
+def test_federation_without_impersonation_returns_the_sts_token(fake, tmp_path):
+    config, _ = fake.write_external_account_file(tmp_path)
+    source = mds.FederatedSource(config, retry_delays=FAST_RETRIES)
+    token = source.access_token((STORAGE_READ,))
+    issued = fake.issued_tokens[token.value]
+    assert issued["principal"].startswith("principal://") and issued["scopes"] == [STORAGE_READ]
+    sent = fake.last_request["sts"]
+    assert sent["subject_token"] in fake.subject_tokens
+    assert fake.count("sts") == 1 and fake.count("iam:generateAccessToken") == 0
+    with pytest.raises(mds.CredentialError) as caught:
+        source.id_token("https://aud.example")
+    assert caught.value.status == 403 and "impersonate" in str(caught.value)
+
+
+def test_federation_impersonating_an_account(fake, tmp_path):
+    target = fake.add_service_account()
+    config, _ = fake.write_external_account_file(tmp_path, impersonate=target.email)
+    source = mds.build_credential_source({"type": "federate", "config": config})
+    assert source.email == target.email
+    token = source.access_token((PUBSUB,))
+    assert fake.issued_tokens[token.value] == {"principal": target.email, "scopes": [PUBSUB]}
+    assert fake.count("sts") == 1 and fake.count("iam:generateAccessToken") == 1
+
+    id_token = source.id_token("https://aud.example")
+    claims = verify_with_key(id_token.value, fake.google_key.public_key())[1]
+    assert claims["email"] == target.email and claims["aud"] == "https://aud.example"
+
+
+def test_federation_impersonate_option_overrides_the_file(fake, tmp_path):
+    first, second = fake.add_service_account(), fake.add_service_account()
+    config, _ = fake.write_external_account_file(tmp_path, impersonate=first.email)
+    source = mds.FederatedSource(config, impersonate_email=second.email)
+    token = source.access_token(())
+    assert fake.issued_tokens[token.value]["principal"] == second.email
+
+
+def test_federation_failures(fake, tmp_path, caplog):
+    config, token_path = fake.write_external_account_file(tmp_path)
+    subject_token = open(token_path).read()
+    source = mds.FederatedSource(config, retry_delays=FAST_RETRIES)
+    caplog.set_level(logging.DEBUG)
+    fake.fail_next(1, "invalid_grant", endpoint="sts")
+    with pytest.raises(mds.CredentialError) as caught:
+        source.access_token(())
+    assert caught.value.status == 403 and "invalid_grant" in str(caught.value)
+    assert_secret_free(str(caught.value) + caplog.text, subject_token)
+    # An unreadable subject token names the problem, not the token.
+    os.remove(token_path)
+    with pytest.raises(mds.CredentialError) as caught:
+        source.access_token(())
+    assert "subject-token.jwt" in str(caught.value) or "File" in str(caught.value)
+
+
+def test_federation_rejects_non_external_account(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps({"type": "service_account"}))
+    with pytest.raises(mds.CredentialError) as caught:
+        mds.FederatedSource(str(path))
+    assert "not an external-account configuration" in str(caught.value)
+
+
+# ---------------------------------------------------------------- static
+
+
+def _unsigned_jwt(claims):
+    enc = lambda o: base64.urlsafe_b64encode(json.dumps(o).encode()).rstrip(b"=").decode()
+    return enc({"alg": "RS256", "typ": "JWT"}) + "." + enc(claims) + ".c2ln"
+
+
+def test_static_source_from_env_matches_the_go_emulator_variables():
+    exp = int(time.time()) + 1234
+    id_token = _unsigned_jwt({"aud": "x", "exp": exp})
+    source = mds.static_source_from_env({"GOOGLE_ACCESS_TOKEN": "ya29.static",
+                                         "GOOGLE_ID_TOKEN": id_token})
+    assert source.honours_scopes is False
+    token = source.access_token(("ignored-scope",))
+    assert token.value == "ya29.static" and token.expiry > time.time() + 3500
+    token = source.id_token("any-audience", fmt="full", compute_claims={"a": 1})
+    assert token.value == id_token and token.expiry == exp
+    assert "ya29" not in source.describe()
+    assert mds.static_source_from_env({"GOOGLE_PROJECT_ID": "p"}) is None
+
+
+def test_static_source_missing_or_expired_tokens():
+    only_id = mds.StaticSource(id_token=_unsigned_jwt({"exp": int(time.time()) - 10}))
+    with pytest.raises(mds.CredentialError) as caught:
+        only_id.access_token(())
+    assert caught.value.status == 404 and "GOOGLE_ACCESS_TOKEN" in str(caught.value)
+    with pytest.raises(mds.CredentialError) as caught:
+        only_id.id_token("aud")
+    assert "expired" in str(caught.value) and "eyJ" not in str(caught.value)
+    opaque = mds.build_credential_source({"type": "static", "id_token": "opaque",
+                                          "expiry": time.time() + 60})
+    assert opaque.id_token("aud").value == "opaque"
+
+
+def test_describe_names_the_source_without_secrets(fake, tmp_path, user_credentials):
+    path, account = fake.write_key_file(tmp_path)
+    config, subject_path = fake.write_external_account_file(tmp_path, impersonate=account.email)
+    sources = [
+        mds.KeyFileSource(path),
+        mds.KeyFileSource(path, token_mode="self-signed"),
+        mds.ImpersonatedSource(account.email, source_credentials=user_credentials,
+                               iam_endpoint_override=fake.url),
+        mds.FederatedSource(config),
+        mds.StaticSource(access_token="ya29.secret-static", id_token=_unsigned_jwt({})),
+    ]
+    for source in sources:
+        line = source.describe()
+        assert "\n" not in line and line
+        assert_secret_free(line, "ya29.secret-static", open(subject_path).read(),
+                           *key_secrets(account))
+    assert account.email in sources[0].describe() and "self-signed" in sources[1].describe()
+
+
+def test_cli_flags_and_go_emulator_variables_become_specs(tmp_path):
+    assert mds.credentials_spec_from_cli(environ={}) is None
+    assert mds.credentials_spec_from_cli(service_account_file="sa.json",
+                                         token_mode="self-signed", environ={}) == {
+        "type": "key-file", "path": "sa.json", "token_mode": "self-signed"}
+    assert mds.credentials_spec_from_cli(impersonate=True, environ={}) == {"type": "impersonate"}
+    assert mds.credentials_spec_from_cli(
+        federate=True, environ={"GOOGLE_APPLICATION_CREDENTIALS": "wif.json"}) == {
+        "type": "federate", "config": "wif.json"}
+    assert mds.credentials_spec_from_cli(environ={"GOOGLE_ACCESS_TOKEN": "ya29.x"}) == {
+        "type": "static", "access_token": "ya29.x", "id_token": None}
+    for bad in ({"federate": True}, {"token_mode": "self-signed"},
+                {"service_account_file": "sa.json", "impersonate": True}):
+        with pytest.raises(mds.CredentialError) as caught:
+            mds.credentials_spec_from_cli(environ={}, **bad)
+        assert "--" in str(caught.value) or "choose one" in str(caught.value)
+
+
+def test_impersonate_spec_without_target_uses_the_account(fake, tmp_path, monkeypatch):
+    adc_key, _ = fake.write_key_file(tmp_path)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", adc_key)
+    target = fake.add_service_account()
+    source = mds.build_credential_source({"type": "impersonate", "iam_endpoint": fake.url},
+                                         account_email=target.email)
+    assert source.email == target.email
+    assert fake.issued_tokens[source.access_token(()).value]["principal"] == target.email
+
+
+def test_unknown_credentials_type():
+    with pytest.raises(mds.CredentialError) as caught:
+        mds.build_credential_source({"type": "magic"})
+    assert "key-file" in str(caught.value) and "magic" in str(caught.value)
+
+
+# ---------------------------------------------------------------- through mds.MetadataServer
+
+AUDIENCE = "https://creds-test.example/endpoint?x=1"
+# Outside *.gserviceaccount.com so google-auth starts no regional-access-boundary lookup.
+CLIENT_EMAIL = "robot@fake-project.mds-test.example"
+
+
+def vm_document(accounts, default=None):
+    """The default VM with `accounts` ({email: (scopes, credentials spec)}) attached; the
+    first (or `default`) is the primary account."""
+    document = mds.default_gce_document()
+    default = default or next(iter(accounts))
+    attached, settings = {}, {}
+    for email, (scopes, spec) in accounts.items():
+        entry = {"email": email, "scopes": list(scopes),
+                 "aliases": ["default"] if email == default else []}
+        attached[email] = entry
+        settings[email] = {"credentials": spec}
+    attached["default"] = dict(attached[default])
+    document["computeMetadata"]["v1"]["instance"]["serviceAccounts"] = attached
+    document["mds"] = {"serviceAccounts": settings}
+    return document
+
+
+def metadata_get(server, path, query=None):
+    url = server.url + "/computeMetadata/v1/" + path
+    if query:
+        url += "?" + urllib.parse.urlencode(query)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(url, headers={"Metadata-Flavor": "Google"})
+    try:
+        with opener.open(request, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+@pytest.mark.parametrize("endpoint", ["token", "identity"])
+def test_fifty_concurrent_cold_requests_make_one_upstream_call(
+        fake, tmp_path, mds_server_factory, endpoint):
+    path, account = fake.write_key_file(tmp_path)
+    server = mds_server_factory(config=vm_document(
+        {account.email: ([CLOUD_PLATFORM], {"type": "key-file", "path": path})}))
+    fake.delay = 0.5  # every request arrives while the one upstream call is in flight
+    query = {"audience": AUDIENCE} if endpoint == "identity" else None
+    barrier = threading.Barrier(50)
+    answers = []
+
+    def client():
+        barrier.wait()
+        answers.append(metadata_get(server, "instance/service-accounts/default/" + endpoint,
+                                    query))
+
+    threads = [threading.Thread(target=client) for _ in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(answers) == 50 and {status for status, _ in answers} == {200}
+    assert len({body for _, body in answers}) == 1
+    assert fake.count("token:jwt-bearer") == 1
+    body = answers[0][1]
+    if endpoint == "token":
+        token = json.loads(body)
+        assert fake.issued_tokens[token["access_token"]]["principal"] == account.email
+        assert 3500 < token["expires_in"] <= 3599 and token["token_type"] == "Bearer"
+    else:
+        claims = verify_with_key(body, fake.google_key.public_key())[1]
+        assert claims["aud"] == AUDIENCE and claims["email"] == account.email
+
+
+def test_several_accounts_each_with_their_own_source(fake, tmp_path, mds_server_factory):
+    key_path, keyed = fake.write_key_file(tmp_path)
+    caller_key, _ = fake.write_key_file(tmp_path)  # ADC that may impersonate `target`
+    target = fake.add_service_account()
+    static_email = "static@fake-project.mds-test.example"
+    server = mds_server_factory(config=vm_document({
+        keyed.email: ([CLOUD_PLATFORM], {"type": "key-file", "path": key_path}),
+        target.email: ([STORAGE_READ], {"type": "impersonate", "target": target.email,
+                                        "iam_endpoint": fake.url,
+                                        "source_credentials_file": caller_key}),
+        static_email: ([CLOUD_PLATFORM], {"type": "static", "access_token": "ya29.static-one"}),
+    }))
+    tokens = {}
+    for name in ("default", keyed.email, target.email, static_email):
+        status, body = metadata_get(server, "instance/service-accounts/%s/token" % name)
+        assert status == 200, body
+        tokens[name] = json.loads(body)["access_token"]
+    assert tokens["default"] == tokens[keyed.email]
+    assert fake.issued_tokens[tokens[keyed.email]] == {"principal": keyed.email,
+                                                       "scopes": [CLOUD_PLATFORM]}
+    assert fake.issued_tokens[tokens[target.email]] == {"principal": target.email,
+                                                        "scopes": [STORAGE_READ]}
+    assert tokens[static_email] == "ya29.static-one"
+    assert len(set(tokens.values())) == 3
+
+    # ?scopes= is honoured by sources that can, ignored by the static one.
+    status, body = metadata_get(server, "instance/service-accounts/%s/token" % target.email,
+                                {"scopes": PUBSUB})
+    assert fake.issued_tokens[json.loads(body)["access_token"]]["scopes"] == [PUBSUB]
+    status, body = metadata_get(server, "instance/service-accounts/%s/token" % static_email,
+                                {"scopes": PUBSUB})
+    assert json.loads(body)["access_token"] == "ya29.static-one"
+
+    status, body = metadata_get(server, "instance/service-accounts/%s/identity" % target.email,
+                                {"audience": AUDIENCE})
+    claims = verify_with_key(body, fake.google_key.public_key())[1]
+    assert claims["email"] == target.email
+
+
+def test_upstream_failures_answer_with_the_cause_and_recover(
+        fake, tmp_path, mds_server_factory, caplog):
+    path, account = fake.write_key_file(tmp_path)
+    server = mds_server_factory(config=vm_document(
+        {account.email: ([CLOUD_PLATFORM], {"type": "key-file", "path": path})}))
+    caplog.set_level(logging.DEBUG)
+    fake.fail_next(1, "invalid_grant")
+    status, body = metadata_get(server, "instance/service-accounts/default/token")
+    assert status == 403
+    assert "invalid_grant" in body and account.email in body
+    assertion = fake.last_request["token:jwt-bearer"]["assertion"]
+    assert_secret_free(body + caplog.text, assertion, *key_secrets(account))
+    # Other endpoints keep serving meanwhile.
+    assert metadata_get(server, "project/project-id")[0] == 200
+
+    # The cache backs off for a second after a failure, then the next refresh recovers.
+    deadline = time.time() + 10
+    while True:
+        status, body = metadata_get(server, "instance/service-accounts/default/token")
+        if status == 200 or time.time() > deadline:
+            break
+        time.sleep(0.3)
+    assert status == 200
+    assert json.loads(body)["access_token"] in fake.issued_tokens
+
+    fake.stop()
+    status, body = metadata_get(server, "instance/service-accounts/default/identity",
+                                {"audience": AUDIENCE})
+    assert status == 502 and "network error" in body
+    assert_secret_free(body + caplog.text, *key_secrets(account))
+
+
+@pytest.fixture
+def client_server(fake, tmp_path, mds_server_factory):
+    """A server whose primary account gets real (fake-)Google tokens from a key file."""
+    path, account = fake.write_key_file(tmp_path, email=CLIENT_EMAIL)
+    server = mds_server_factory(config=vm_document(
+        {account.email: ([CLOUD_PLATFORM, STORAGE_READ], {"type": "key-file", "path": path})}))
+    return server, account
+
+
+def _served_token(server, scopes=None):
+    status, body = metadata_get(server, "instance/service-accounts/default/token",
+                                {"scopes": ",".join(scopes)} if scopes else None)
+    assert status == 200, body
+    return json.loads(body)["access_token"]
+
+
+def test_python_google_auth_receives_the_token_google_issued(fake, client_server, client_env):
+    server, account = client_server
+    report = run_python("py_gce_client.py", client_env(server), [AUDIENCE])
+    assert report["blocked"] == []
+    compute = report["compute_token"]["value"]
+    assert fake.issued_tokens[compute["token"]]["principal"] == account.email
+    assert compute["token"] == _served_token(server, compute["scopes"])
+    claims = verify_with_key(report["id_token"]["value"], fake.google_key.public_key())[1]
+    assert claims["aud"] == AUDIENCE and claims["email"] == account.email
+
+
+def test_node_google_auth_library_receives_the_token_google_issued(
+        fake, client_server, client_env):
+    server, account = client_server
+    report = run_node("gce.js", client_env(server), [AUDIENCE])
+    token = report["auth_access_token"]["value"]
+    assert fake.issued_tokens[token] == {"principal": account.email, "scopes": [CLOUD_PLATFORM]}
+    assert token == _served_token(server, [CLOUD_PLATFORM])
+    claims = verify_with_key(report["id_token"]["value"], fake.google_key.public_key())[1]
+    assert claims["aud"] == AUDIENCE and claims["email"] == account.email
+
+
+def test_go_oauth2_google_receives_the_token_google_issued(fake, client_server, client_env):
+    server, account = client_server
+    report = run_go("oauth2google", client_env(server))
+    token = report["compute_token"]["access_token"]
+    # Go sends no scopes, so the account's configured scopes were asked of Google.
+    assert fake.issued_tokens[token] == {"principal": account.email,
+                                         "scopes": [CLOUD_PLATFORM, STORAGE_READ]}
+    assert report["adc_token"]["access_token"] == token == _served_token(server)
+    assert fake.count("token:jwt-bearer") == 1

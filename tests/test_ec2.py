@@ -1,0 +1,828 @@
+"""Wire-level tests of the EC2 flavor: every status code, header and path rule of the spec
+(shared/spec/aws.md), credentials from every source, per-client roles, events, the ECS
+endpoint and the signed instance identity document."""
+
+import argparse
+import base64
+import collections
+import http.client
+import ipaddress
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding
+
+import mds
+from clients import require_tool
+from fake_sts import FakeSts
+
+IMDS_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
+TOKEN_TTL = "X-aws-ec2-metadata-token-ttl-seconds"
+TOKEN = "X-aws-ec2-metadata-token"
+
+
+def call(server, method, path, headers=None, source=None, body=None):
+    """One raw HTTP exchange: (status, lower-cased headers, body bytes)."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10,
+                                      source_address=(source, 0) if source else None)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return (response.status, {k.lower(): v for k, v in response.getheaders()},
+                response.read())
+    finally:
+        conn.close()
+
+
+def get(server, path, **kwargs):
+    return call(server, "GET", path, **kwargs)
+
+
+def text(server, path, **kwargs):
+    status, _, body = get(server, path, **kwargs)
+    assert status == 200, (path, status, body)
+    return body.decode("utf-8")
+
+
+def put_token(server, ttl="21600", **kwargs):
+    status, headers, body = call(server, "PUT", "/latest/api/token",
+                                 headers={TOKEN_TTL: ttl}, **kwargs)
+    assert status == 200, (status, body)
+    return body.decode("ascii")
+
+
+@pytest.fixture
+def ec2(mds_server_factory):
+    def start(config=None, **options):
+        return mds_server_factory(config=config, flavor="ec2", options=options)
+    return start
+
+
+# ---------------------------------------------------------------------------
+# Default instance, headers, listings
+# ---------------------------------------------------------------------------
+
+def test_default_instance_is_plausible_and_consistent(ec2):
+    server = ec2()
+    status, headers, body = get(server, "/latest/meta-data/")
+    assert status == 200
+    assert headers["server"] == "EC2ws"
+    assert headers["content-type"] == "text/plain"
+    listing = body.decode()
+    assert not listing.endswith("\n")
+    entries = listing.split("\n")
+    assert entries == sorted(entries)
+    for expected in ("ami-id", "instance-id", "instance-type", "local-ipv4", "public-ipv4",
+                     "mac", "hostname", "network/", "placement/", "iam/",
+                     "block-device-mapping/", "events/", "services/"):
+        assert expected in entries
+    for absent in ("spot/", "tags/", "autoscaling/", "public-keys/"):
+        assert absent not in entries
+
+    zone = text(server, "/latest/meta-data/placement/availability-zone")
+    region = text(server, "/latest/meta-data/placement/region")
+    zone_id = text(server, "/latest/meta-data/placement/availability-zone-id")
+    assert zone[:-1] == region and zone.startswith(region)
+    assert re.match(r"^[a-z]+\d-az\d$", zone_id)
+    assert re.match(r"^i-[0-9a-f]{17}$", text(server, "/latest/meta-data/instance-id"))
+    assert re.match(r"^ami-[0-9a-f]{17}$", text(server, "/latest/meta-data/ami-id"))
+    local_ip = text(server, "/latest/meta-data/local-ipv4")
+    public_ip = text(server, "/latest/meta-data/public-ipv4")
+    ipaddress.ip_address(local_ip)
+    ipaddress.ip_address(public_ip)
+    hostname = text(server, "/latest/meta-data/hostname")
+    assert hostname.startswith("ip-" + local_ip.replace(".", "-") + ".")
+    mac = text(server, "/latest/meta-data/mac")
+    assert re.match(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$", mac)
+    assert text(server, "/latest/meta-data/network/interfaces/macs/") == mac + "/"
+    base = "/latest/meta-data/network/interfaces/macs/%s/" % mac
+    assert text(server, base + "local-ipv4s") == local_ip
+    assert text(server, base + "public-ipv4s") == public_ip
+    assert text(server, base + "ipv4-associations/" + public_ip) == local_ip
+    assert text(server, base + "mac") == mac
+
+    document = json.loads(text(server, "/latest/dynamic/instance-identity/document"))
+    assert document["region"] == region
+    assert document["availabilityZone"] == zone
+    assert document["instanceId"] == text(server, "/latest/meta-data/instance-id")
+    assert document["imageId"] == text(server, "/latest/meta-data/ami-id")
+    assert document["privateIp"] == local_ip
+    assert document["kernelId"] is None and document["billingProducts"] is None
+    assert IMDS_TIME.match(document["pendingTime"])
+
+    role = text(server, "/latest/meta-data/iam/security-credentials/")
+    info = json.loads(text(server, "/latest/meta-data/iam/info"))
+    assert info["Code"] == "Success"
+    assert info["InstanceProfileArn"].rsplit("/", 1)[-1] == role
+    assert re.match(r"^arn:aws:iam::%s:instance-profile/" % document["accountId"],
+                    info["InstanceProfileArn"])
+    assert info["InstanceProfileId"].startswith("AIPA")
+    assert server.env == {"AWS_EC2_METADATA_SERVICE_ENDPOINT": server.url + "/"}
+
+
+def test_region_follows_configuration_everywhere(ec2):
+    server = ec2(config={"ec2": {"meta-data": {"placement": {"region": "eu-west-1"}}}})
+    assert text(server, "/latest/meta-data/placement/availability-zone") == "eu-west-1a"
+    assert text(server, "/latest/meta-data/placement/availability-zone-id").startswith("euw1-")
+    document = json.loads(text(server, "/latest/dynamic/instance-identity/document"))
+    assert (document["region"], document["availabilityZone"]) == ("eu-west-1", "eu-west-1a")
+    assert text(server, "/latest/meta-data/hostname").endswith(".eu-west-1.compute.internal")
+
+    # A runtime update moves every derived value along; a contradiction is refused and the
+    # previous tree keeps serving.
+    with pytest.raises(mds.ConfigError):
+        server.update("meta-data/placement/availability-zone", "ap-southeast-2c")
+    assert text(server, "/latest/meta-data/placement/region") == "eu-west-1"
+    server.update("meta-data/placement", {"availability-zone": "ap-southeast-2c"})
+    assert text(server, "/latest/meta-data/placement/region") == "ap-southeast-2"
+    document = json.loads(text(server, "/latest/dynamic/instance-identity/document"))
+    assert document["region"] == "ap-southeast-2"
+    assert document["availabilityZone"] == "ap-southeast-2c"
+
+
+def test_inconsistent_placement_is_refused(ec2):
+    with pytest.raises(mds.ConfigError, match="not in region"):
+        ec2(config={"ec2": {"meta-data": {"placement": {
+            "region": "us-west-2", "availability-zone": "us-east-1b"}}}})
+    with pytest.raises(mds.ConfigError, match="iam"):
+        ec2(config={"ec2": {"meta-data": {"iam": {"info": "x"}}}})
+
+
+def test_versions_and_dated_paths(ec2):
+    server = ec2()
+    versions = text(server, "/")
+    assert not versions.endswith("\n")
+    lines = versions.split("\n")
+    assert lines[0] == "1.0" and lines[-1] == "latest" and "2009-04-04" in lines
+    assert lines == sorted(lines)
+    assert text(server, "/latest/") == "dynamic\nmeta-data"
+    assert text(server, "/latest") == "dynamic\nmeta-data"
+    assert text(server, "/2009-04-04/") == "dynamic\nmeta-data"
+    assert text(server, "/2009-04-04/meta-data/instance-id") == \
+        text(server, "/latest/meta-data/instance-id")
+    status, headers, body = get(server, "/1999-01-01/meta-data/")
+    assert status == 404
+
+
+def test_trailing_slash_rules(ec2):
+    server = ec2(config={"ec2": {"user-data": "#!/bin/sh\necho hi\n"}})
+    with_slash = text(server, "/latest/meta-data/placement/")
+    assert text(server, "/latest/meta-data/placement") == with_slash
+    assert with_slash == "availability-zone\navailability-zone-id\nregion"
+    zone = text(server, "/latest/meta-data/placement/availability-zone")
+    assert text(server, "/latest/meta-data/placement/availability-zone/") == zone
+    role = text(server, "/latest/meta-data/iam/security-credentials")
+    assert role == text(server, "/latest/meta-data/iam/security-credentials/")
+    assert json.loads(text(server, "/latest/meta-data/iam/security-credentials/%s/" % role))[
+        "Code"] == "Success"
+    status, headers, body = get(server, "/latest/user-data/")
+    assert (status, body) == (200, b"#!/bin/sh\necho hi\n")
+    # Double slashes are tolerated like on EC2.
+    assert text(server, "/latest/meta-data//placement//region") == \
+        text(server, "/latest/meta-data/placement/region")
+
+
+def test_not_found_page(ec2):
+    server = ec2()
+    for path in ("/latest/meta-data/nope", "/latest/meta-data/spot/instance-action",
+                 "/latest/user-data", "/nothing", "/latest/meta-data/instance-id/extra"):
+        status, headers, body = get(server, path)
+        assert status == 404, path
+        assert headers["server"] == "EC2ws"
+        assert b"<title>404 - Not Found</title>" in body
+        assert body.startswith(b'<?xml version="1.0" encoding="iso-8859-1"?>')
+
+
+def test_user_data_bytes_and_content_type(ec2):
+    raw = bytes(range(256))
+    server = ec2(config={"ec2": {"user-data": {"base64": base64.b64encode(raw).decode()}}})
+    status, headers, body = get(server, "/latest/user-data")
+    assert status == 200
+    assert headers["content-type"] == "application/octet-stream"
+    assert body == raw
+    assert text(server, "/latest/") == "dynamic\nmeta-data\nuser-data"
+
+
+def test_head_and_other_methods(ec2):
+    server = ec2()
+    status, headers, body = call(server, "HEAD", "/latest/meta-data/instance-id")
+    assert status == 200 and body == b""
+    assert int(headers["content-length"]) == len(text(server, "/latest/meta-data/instance-id"))
+    status, headers, body = call(server, "POST", "/latest/meta-data/instance-id", body=b"")
+    assert status == 405
+    status, headers, body = call(server, "PUT", "/latest/meta-data/instance-id", body=b"",
+                                 headers={TOKEN_TTL: "60"})
+    assert status == 405
+
+
+def test_custom_paths_tags_and_public_keys(ec2):
+    server = ec2(config={"ec2": {"meta-data": {
+        "tags": {"instance": {"Name": "web-1", "team": "infra"}},
+        "public-keys": {"my-key": "ssh-ed25519 AAAAC3Nza my-key"},
+        "security-groups": ["default", "web"],
+        "custom": {"deep": {"value": 42}},
+        "public-ipv4": None,
+    }}})
+    listing = text(server, "/latest/meta-data/").split("\n")
+    assert "tags/" in listing and "public-keys/" in listing and "custom/" in listing
+    assert "public-ipv4" not in listing and "public-hostname" not in listing
+    assert get(server, "/latest/meta-data/public-ipv4")[0] == 404
+    assert text(server, "/latest/meta-data/tags/instance") == "Name\nteam"
+    assert text(server, "/latest/meta-data/tags/instance/Name") == "web-1"
+    assert text(server, "/latest/meta-data/public-keys/") == "0=my-key"
+    assert text(server, "/latest/meta-data/public-keys/0/") == "openssh-key"
+    assert text(server, "/latest/meta-data/public-keys/0/openssh-key") == \
+        "ssh-ed25519 AAAAC3Nza my-key"
+    assert text(server, "/latest/meta-data/security-groups") == "default\nweb"
+    assert text(server, "/latest/meta-data/custom/deep/value") == "42"
+
+
+# ---------------------------------------------------------------------------
+# IMDSv2 tokens
+# ---------------------------------------------------------------------------
+
+def test_token_put(ec2):
+    server = ec2()
+    status, headers, body = call(server, "PUT", "/latest/api/token", headers={TOKEN_TTL: "300"})
+    assert status == 200
+    assert headers[TOKEN_TTL.lower()] == "300"
+    assert headers["content-type"] == "text/plain"
+    assert headers["server"] == "EC2ws"
+    assert len(body) == 56 and re.match(rb"^[A-Za-z0-9_=-]+$", body)
+    assert put_token(server, "300") != body.decode()
+
+
+@pytest.mark.parametrize("ttl", [None, "", "0", "-1", "21601", "abc", "1.5", "99999999"])
+def test_token_put_with_bad_ttl_is_400(ec2, ttl):
+    server = ec2()
+    headers = {} if ttl is None else {TOKEN_TTL: ttl}
+    status, _, _ = call(server, "PUT", "/latest/api/token", headers=headers)
+    assert status == 400
+
+
+@pytest.mark.parametrize("ttl", ["1", "21600"])
+def test_token_ttl_bounds_are_accepted(ec2, ttl):
+    server = ec2()
+    status, headers, _ = call(server, "PUT", "/latest/api/token", headers={TOKEN_TTL: ttl})
+    assert status == 200 and headers[TOKEN_TTL.lower()] == ttl
+
+
+def test_token_put_with_forwarded_for_is_403(ec2):
+    server = ec2()
+    status, _, _ = call(server, "PUT", "/latest/api/token",
+                        headers={TOKEN_TTL: "60", "X-Forwarded-For": "10.0.0.9"})
+    assert status == 403
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "DELETE"])
+def test_token_path_other_methods_are_405(ec2, method):
+    server = ec2()
+    status, headers, body = call(server, method, "/latest/api/token",
+                                 headers={TOKEN_TTL: "60"}, body=b"" if method != "GET" else None)
+    assert status == 405
+    assert headers["allow"] == "OPTIONS, PUT"
+    assert body == b""
+
+
+def test_versioned_token_path_is_403(ec2):
+    server = ec2()
+    status, _, _ = call(server, "PUT", "/2021-03-23/api/token", headers={TOKEN_TTL: "60"})
+    assert status == 403
+
+
+def test_token_use_and_rejections(ec2):
+    server = ec2()
+    token = put_token(server, "600")
+    status, headers, body = get(server, "/latest/meta-data/instance-id", headers={TOKEN: token})
+    assert status == 200
+    remaining = int(headers["x-aws-ec2-metadata-token-ttl-seconds"])
+    assert 590 <= remaining <= 600
+    # Header names are case-insensitive (botocore and Node send them lower-case).
+    assert get(server, "/latest/meta-data/instance-id",
+               headers={TOKEN.lower(): token})[0] == 200
+    # Unknown or tampered tokens: 401 even though IMDSv1 is allowed.
+    assert get(server, "/latest/meta-data/instance-id", headers={TOKEN: "bogus"})[0] == 401
+    forged = token[:-6] + ("AAAA==" if not token.endswith("AAAA==") else "BBBB==")
+    assert get(server, "/latest/meta-data/instance-id", headers={TOKEN: forged})[0] == 401
+    # A token from another server instance is unknown here.
+    other = ec2()
+    assert get(server, "/latest/meta-data/instance-id",
+               headers={TOKEN: put_token(other)})[0] == 401
+    # Token + X-Forwarded-For -> 403; a tokenless v1 GET with XFF is served.
+    assert get(server, "/latest/meta-data/instance-id",
+               headers={TOKEN: token, "X-Forwarded-For": "10.1.1.1"})[0] == 403
+    status, headers, _ = get(server, "/latest/meta-data/instance-id",
+                             headers={"X-Forwarded-For": "10.1.1.1"})
+    assert status == 200
+    assert "x-aws-ec2-metadata-token-ttl-seconds" not in headers
+
+
+def test_expired_token_is_401(ec2):
+    server = ec2()
+    token = put_token(server, "1")
+    assert get(server, "/latest/meta-data/instance-id", headers={TOKEN: token})[0] == 200
+    time.sleep(1.3)
+    assert get(server, "/latest/meta-data/instance-id", headers={TOKEN: token})[0] == 401
+
+
+@pytest.mark.parametrize("how", ["option", "document"])
+def test_imdsv2_required(ec2, how):
+    if how == "option":
+        server = ec2(imdsv2_required=True)
+    else:
+        server = ec2(config={"ec2": {}, "mds": {"ec2": {"imdsv2_required": True}}})
+    status, headers, body = get(server, "/latest/meta-data/instance-id")
+    assert status == 401
+    assert b"401 - Unauthorized" in body
+    assert get(server, "/")[0] == 401
+    token = put_token(server)
+    assert get(server, "/latest/meta-data/instance-id", headers={TOKEN: token})[0] == 200
+    assert get(server, "/latest/meta-data/instance-id", headers={TOKEN: "bad"})[0] == 401
+
+
+# ---------------------------------------------------------------------------
+# Credentials
+# ---------------------------------------------------------------------------
+
+def _credentials(server, role=None, **kwargs):
+    role = role or text(server, "/latest/meta-data/iam/security-credentials/", **kwargs)
+    status, headers, body = get(server, "/latest/meta-data/iam/security-credentials/" + role,
+                                **kwargs)
+    assert status == 200
+    assert headers["content-type"] == "text/plain"
+    return body.decode("utf-8")
+
+
+def test_offline_credentials_json_exactly(ec2):
+    server = ec2()
+    raw = _credentials(server)
+    creds = json.loads(raw, object_pairs_hook=collections.OrderedDict)
+    assert list(creds) == ["Code", "LastUpdated", "Type", "AccessKeyId", "SecretAccessKey",
+                           "Token", "Expiration"]
+    assert raw.startswith('{\n  "Code" : "Success",\n  "LastUpdated" : "')
+    assert not raw.endswith("\n")
+    assert creds["Type"] == "AWS-HMAC"
+    assert re.match(r"^ASIA[A-Z2-7]{16}$", creds["AccessKeyId"])
+    assert len(creds["SecretAccessKey"]) == 40
+    assert len(creds["Token"]) > 100
+    assert IMDS_TIME.match(creds["Expiration"]) and IMDS_TIME.match(creds["LastUpdated"])
+    left = mds.parse_imds_time(creds["Expiration"]) - time.time()
+    assert left > 4 * 3600, "offline credentials must be valid for hours"
+    # Stable between requests within a rotation period.
+    assert json.loads(_credentials(server))["AccessKeyId"] == creds["AccessKeyId"]
+
+
+def test_offline_credentials_rotate_and_never_expire():
+    now = [1_000_000.0]
+    provider = mds.OfflineRoleCredentials("r", lifetime=6 * 3600, rotation=3600,
+                                          clock=lambda: now[0])
+    seen = []
+    for step in range(30):              # 15 hours in 30-minute steps
+        creds = provider.credentials()
+        assert creds["Expiration"] - now[0] >= 5 * 3600
+        assert creds["LastUpdated"] <= now[0]
+        seen.append(creds["AccessKeyId"])
+        now[0] += 1800
+    assert len(set(seen)) == 15         # a new key set every hour
+    assert seen[0] == seen[1] != seen[2]
+
+
+def test_static_credentials_from_environment(ec2, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIASTATICEXAMPLE000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "static/secret")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "static-session-token")
+    server = ec2(static_credentials=True)
+    creds = json.loads(_credentials(server))
+    assert creds["Code"] == "Success"
+    assert (creds["AccessKeyId"], creds["SecretAccessKey"], creds["Token"]) == (
+        "AKIASTATICEXAMPLE000", "static/secret", "static-session-token")
+    assert mds.parse_imds_time(creds["Expiration"]) - time.time() > 4 * 3600
+
+
+def test_static_credentials_from_profile(ec2, monkeypatch, tmp_path):
+    credentials_file = tmp_path / "credentials"
+    credentials_file.write_text("[default]\naws_access_key_id = AKIADEFAULT\n"
+                                "aws_secret_access_key = default-secret\n\n"
+                                "[dev]\naws_access_key_id = AKIADEV\n"
+                                "aws_secret_access_key = dev%secret\n")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                 "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials_file))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "missing-config"))
+    server = ec2(aws_profile="dev", role_name="dev-role")
+    assert text(server, "/latest/meta-data/iam/security-credentials/") == "dev-role"
+    creds = json.loads(_credentials(server))
+    # RawConfigParser: a "%" in a secret is taken literally; long-term keys have no token.
+    assert (creds["AccessKeyId"], creds["SecretAccessKey"], creds["Token"]) == (
+        "AKIADEV", "dev%secret", "")
+
+
+def test_missing_static_credentials_give_the_imds_error_form(ec2, monkeypatch, tmp_path,
+                                                             caplog):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    server = ec2(static_credentials=True)
+    with caplog.at_level("WARNING"):
+        creds = json.loads(_credentials(server))
+    assert creds["Code"] != "Success"
+    assert "no AWS source credentials" in creds["Message"]
+    assert IMDS_TIME.match(creds["LastUpdated"])
+    assert any("unavailable" in r.getMessage() for r in caplog.records)
+
+
+def test_source_key_and_region_resolution(tmp_path):
+    config = tmp_path / "config"
+    config.write_text("[default]\nregion = us-west-2\n\n[profile ops]\nregion = eu-north-1\n"
+                      "aws_access_key_id = AKIACONFIGOPS\naws_secret_access_key = cfg\n")
+    credentials = tmp_path / "credentials"
+    credentials.write_text("[ops]\naws_access_key_id = AKIACREDOPS\n"
+                           "aws_secret_access_key = cred\naws_session_token = tok\n")
+    base = {"AWS_CONFIG_FILE": str(config), "AWS_SHARED_CREDENTIALS_FILE": str(credentials)}
+    keys = mds.resolve_aws_source_keys("ops", base)
+    assert (keys.access_key, keys.secret_key, keys.session_token) == (
+        "AKIACREDOPS", "cred", "tok")           # credentials file beats config file
+    assert "cred" not in repr(keys) and "tok" not in repr(keys)
+    env = dict(base, AWS_ACCESS_KEY_ID="AKIAENV", AWS_SECRET_ACCESS_KEY="envsecret")
+    assert mds.resolve_aws_source_keys(None, env).access_key == "AKIAENV"
+    assert mds.resolve_aws_source_keys("ops", env).access_key == "AKIACREDOPS"
+    assert mds.resolve_aws_source_keys(None, dict(base, AWS_PROFILE="ops")).access_key == \
+        "AKIACREDOPS"
+    with pytest.raises(mds.CredentialError):
+        mds.resolve_aws_source_keys(None, base)  # "default" has a region but no keys
+    assert mds.resolve_aws_region(None, base) == "us-west-2"
+    assert mds.resolve_aws_region("ops", base) == "eu-north-1"
+    assert mds.resolve_aws_region("ops", dict(base, AWS_DEFAULT_REGION="sa-east-1")) == \
+        "sa-east-1"
+    assert mds.resolve_aws_region("ops", dict(base, AWS_REGION="ca-central-1",
+                                              AWS_DEFAULT_REGION="sa-east-1")) == "ca-central-1"
+    assert mds.resolve_aws_region("nobody", {"AWS_CONFIG_FILE": str(tmp_path / "x"),
+                                             "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}) \
+        is None
+
+
+# ---------------------------------------------------------------------------
+# AssumeRole through the server, against the fake STS
+# ---------------------------------------------------------------------------
+
+SOURCE_KEY, SOURCE_SECRET = "AKIAMDSSOURCE0000001", "mds/source/secret"
+ROLE_ARN = "arn:aws:iam::210987654321:role/app-role"
+
+
+@pytest.fixture
+def sts_env(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", SOURCE_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SOURCE_SECRET)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    with FakeSts({SOURCE_KEY: (SOURCE_SECRET, None)}, region="eu-central-1") as sts:
+        yield sts
+
+
+def _assume_role_config(sts, **role):
+    spec = dict({"role_arn": ROLE_ARN, "sts_endpoint": sts.url, "sts_region": "eu-central-1"},
+                **role)
+    return {"ec2": {}, "mds": {"ec2": {"role": "app-role", "roles": {"app-role": spec}}}}
+
+
+def _wait_for(predicate, timeout=10.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_assume_role_is_cached_not_called_per_request(ec2, sts_env):
+    server = ec2(role_arn=ROLE_ARN, sts_endpoint=sts_env.url, sts_region="eu-central-1")
+    assert _wait_for(lambda: sts_env.calls == 1)
+    assert text(server, "/latest/meta-data/iam/security-credentials/") == "app-role"
+    info = json.loads(text(server, "/latest/meta-data/iam/info"))
+    assert info["InstanceProfileArn"] == "arn:aws:iam::210987654321:instance-profile/app-role"
+    issued = sts_env.issued[0]
+    for _ in range(40):
+        creds = json.loads(_credentials(server, "app-role"))
+        assert (creds["AccessKeyId"], creds["SecretAccessKey"], creds["Token"]) == issued[:3]
+    assert sts_env.calls == 1
+    request = sts_env.requests[0]
+    assert request["accepted"]
+    assert request["params"]["RoleArn"] == ROLE_ARN
+    assert request["params"]["DurationSeconds"] == "3600"
+    assert creds["Expiration"] == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(issued[3]))
+
+
+def test_assume_role_refreshes_in_background_before_expiry(ec2, sts_env):
+    sts_env.lifetime = 4          # every session lasts 4 s; refresh when 2 s are left
+    server = ec2(config=_assume_role_config(sts_env, refresh_margin=2))
+    assert _wait_for(lambda: sts_env.calls >= 1)
+    keys_seen = set()
+    started = time.time()
+    requests = 0
+    while time.time() - started < 5.0:
+        creds = json.loads(_credentials(server, "app-role"))
+        assert creds["Code"] == "Success"
+        # Never an expired credential (1 s of slack for the whole-second format).
+        assert mds.parse_imds_time(creds["Expiration"]) > time.time() - 1
+        keys_seen.add(creds["AccessKeyId"])
+        requests += 1
+        time.sleep(0.05)
+    assert requests > 20
+    # About one AssumeRole per 2 s, not one per request.
+    assert 2 <= sts_env.calls <= 5, sts_env.calls
+    assert len(keys_seen) >= 2
+
+
+def test_sts_failure_keeps_serving_valid_cache_then_reports(ec2, sts_env, caplog):
+    sts_env.lifetime = 3
+    server = ec2(config=_assume_role_config(sts_env, refresh_margin=1, retry_delay=0.5))
+    assert _wait_for(lambda: sts_env.calls == 1)
+    first = json.loads(_credentials(server, "app-role"))
+    sts_env.failing = (503, "ServiceUnavailable")
+    # While the cached session is valid it is still served.
+    deadline = mds.parse_imds_time(first["Expiration"])
+    while time.time() < deadline - 1.2:
+        assert json.loads(_credentials(server, "app-role"))["AccessKeyId"] == \
+            first["AccessKeyId"]
+        time.sleep(0.1)
+    time.sleep(max(0, deadline - time.time()) + 0.5)
+    with caplog.at_level("WARNING"):
+        failed = json.loads(_credentials(server, "app-role"))
+    assert failed["Code"] == "AssumeRoleUnauthorizedAccess"
+    assert "ServiceUnavailable" in failed["Message"]
+    assert SOURCE_SECRET not in failed["Message"]
+    for record in caplog.records:
+        assert SOURCE_SECRET not in record.getMessage()
+    attempts = len(sts_env.requests)
+    for _ in range(30):
+        _credentials(server, "app-role")
+    # 30 requests do not turn into 30 STS calls (retries are paced by the refresher).
+    assert len(sts_env.requests) <= attempts + 8
+    # Recovery: STS works again -> fresh credentials without a restart.
+    sts_env.failing = None
+    assert _wait_for(lambda: json.loads(_credentials(server, "app-role"))["Code"] == "Success")
+
+
+def test_assume_role_bad_source_key_is_reported(ec2, sts_env, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    server = ec2(config=_assume_role_config(sts_env))
+    assert _wait_for(lambda: len(sts_env.requests) >= 1)
+    assert sts_env.requests[0]["error_code"] == "SignatureDoesNotMatch"
+    failed = json.loads(_credentials(server, "app-role"))
+    assert failed["Code"] != "Success"
+    assert "SignatureDoesNotMatch" in failed["Message"]
+    assert "not-the-secret" not in failed["Message"]
+
+
+# ---------------------------------------------------------------------------
+# Per-client roles (source address -> role)
+# ---------------------------------------------------------------------------
+
+PER_CLIENT = {"ec2": {}, "mds": {"ec2": {
+    "roles": {"role-a": "offline", "role-b": {"source": "offline"}},
+    "clients": {"127.0.0.2": "role-a", "127.0.0.3/32": "role-b", "127.0.0.64/26": None},
+}}}
+
+
+def test_per_client_roles_are_isolated(ec2):
+    server = ec2(config=PER_CLIENT)
+    base = "/latest/meta-data/iam/security-credentials/"
+    assert text(server, base, source="127.0.0.2") == "role-a"
+    assert text(server, base, source="127.0.0.3") == "role-b"
+    assert text(server, base, source="127.0.0.1") == mds.DEFAULT_ROLE_NAME
+    a = json.loads(_credentials(server, "role-a", source="127.0.0.2"))
+    b = json.loads(_credentials(server, "role-b", source="127.0.0.3"))
+    assert a["Code"] == b["Code"] == "Success"
+    assert a["AccessKeyId"] != b["AccessKeyId"]
+    # Neither client can read the other's role, with or without a trailing slash.
+    for path in (base + "role-b", base + "role-b/"):
+        assert get(server, path, source="127.0.0.2")[0] == 404
+    assert get(server, base + "role-a", source="127.0.0.3")[0] == 404
+    assert get(server, base + "role-a", source="127.0.0.1")[0] == 404
+    info_a = json.loads(text(server, "/latest/meta-data/iam/info", source="127.0.0.2"))
+    assert info_a["InstanceProfileArn"].endswith("/role-a")
+    # A client mapped to no role sees no iam/ at all.
+    assert "iam/" not in text(server, "/latest/meta-data/", source="127.0.0.70").split("\n")
+    assert get(server, "/latest/meta-data/iam/info", source="127.0.0.70")[0] == 404
+    assert get(server, base, source="127.0.0.70")[0] == 404
+
+
+# ---------------------------------------------------------------------------
+# Events
+# ---------------------------------------------------------------------------
+
+def test_spot_interruption_after_delay(ec2):
+    server = ec2(spot_interruption_after=1.0)
+    assert text(server, "/latest/meta-data/instance-life-cycle") == "spot"
+    assert get(server, "/latest/meta-data/spot/instance-action")[0] == 404
+    assert "spot/" not in text(server, "/latest/meta-data/").split("\n")
+    time.sleep(1.2)
+    assert "spot/" in text(server, "/latest/meta-data/").split("\n")
+    action = json.loads(text(server, "/latest/meta-data/spot/instance-action"))
+    assert action["action"] == "terminate"
+    assert IMDS_TIME.match(action["time"])
+    when = mds.parse_imds_time(action["time"])
+    assert 100 < when - time.time() <= 121
+    assert text(server, "/latest/meta-data/spot/termination-time") == action["time"]
+
+
+def test_events_scheduled_at_runtime(ec2):
+    server = ec2()
+    assert get(server, "/latest/meta-data/events/recommendations/rebalance")[0] == 404
+    assert get(server, "/latest/meta-data/events/maintenance/scheduled")[0] == 404
+    assert text(server, "/latest/meta-data/events/maintenance/") == "history\nscheduled"
+    assert get(server, "/latest/meta-data/autoscaling/target-lifecycle-state")[0] == 404
+
+    server.flavor.schedule_event("rebalance", 0)
+    server.flavor.schedule_event("spot", 0, action="stop")
+    server.flavor.schedule_event("maintenance", 0, code="system-reboot", starts_in=3600,
+                                 duration=600)
+    server.update("mds/ec2/events/autoscaling", {"after": 0, "state": "Warmed:Stopped"})
+    assert text(server, "/latest/meta-data/events/") == "maintenance/\nrecommendations/"
+    notice = json.loads(text(server, "/latest/meta-data/events/recommendations/rebalance"))
+    assert IMDS_TIME.match(notice["noticeTime"])
+    assert json.loads(text(server, "/latest/meta-data/spot/instance-action"))["action"] == "stop"
+    scheduled = json.loads(text(server, "/latest/meta-data/events/maintenance/scheduled"))
+    assert len(scheduled) == 1
+    event = scheduled[0]
+    assert event["Code"] == "system-reboot" and event["State"] == "active"
+    assert re.match(r"^instance-event-[0-9a-f]{17}$", event["EventId"])
+    assert re.match(r"^\d{1,2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} GMT$", event["NotBefore"])
+    assert text(server, "/latest/meta-data/autoscaling/target-lifecycle-state") == \
+        "Warmed:Stopped"
+
+
+def test_autoscaling_lifecycle_changes_at_its_time(ec2):
+    server = ec2(config={"ec2": {}, "mds": {"ec2": {"events": {
+        "autoscaling": {"after": 1, "state": "Terminated"}}}}})
+    assert text(server, "/latest/meta-data/autoscaling/target-lifecycle-state") == "InService"
+    time.sleep(1.2)
+    assert text(server, "/latest/meta-data/autoscaling/target-lifecycle-state") == "Terminated"
+
+
+def test_runtime_update_of_imds_paths(ec2):
+    server = ec2()
+    server.update("meta-data/spot/instance-action",
+                  {"action": "hibernate", "time": "2030-01-01T00:00:00Z"})
+    body = text(server, "/latest/meta-data/spot/instance-action")
+    assert json.loads(body) == {"action": "hibernate", "time": "2030-01-01T00:00:00Z"}
+    server.update("user-data", "hello")
+    assert get(server, "/latest/user-data")[2] == b"hello"
+    server.delete("user-data")
+    assert get(server, "/latest/user-data")[0] == 404
+
+
+# ---------------------------------------------------------------------------
+# Instance identity signatures
+# ---------------------------------------------------------------------------
+
+def test_identity_document_signature_and_rsa2048_verify(ec2, tmp_path):
+    server = ec2()
+    document = get(server, "/latest/dynamic/instance-identity/document")[2]
+    assert document.startswith(b'{\n  "accountId" : "')
+    status, headers, pem = get(server, mds.EC2_CERTIFICATE_PATH)
+    assert status == 200 and pem.startswith(b"-----BEGIN CERTIFICATE-----")
+    certificate = x509.load_pem_x509_certificate(pem)
+
+    signature = text(server, "/latest/dynamic/instance-identity/signature")
+    certificate.public_key().verify(base64.b64decode(signature), document,
+                                    padding.PKCS1v15(), hashes.SHA256())
+    with pytest.raises(Exception):
+        certificate.public_key().verify(base64.b64decode(signature), document + b" ",
+                                        padding.PKCS1v15(), hashes.SHA256())
+
+    listing = text(server, "/latest/dynamic/instance-identity/").split("\n")
+    assert set(listing) == {"document", "pkcs7", "rsa2048", "signature"}
+
+    # AWS's documented procedure: wrap rsa2048 in PEM lines and verify with openssl.
+    rsa2048 = text(server, "/latest/dynamic/instance-identity/rsa2048")
+    assert "BEGIN" not in rsa2048
+    assert all(len(line) <= 64 for line in rsa2048.split("\n"))
+    openssl = require_tool("openssl")
+    (tmp_path / "rsa2048.pem").write_text("-----BEGIN PKCS7-----\n%s\n-----END PKCS7-----\n"
+                                          % rsa2048)
+    (tmp_path / "cert.pem").write_bytes(pem)
+    completed = subprocess.run(
+        [openssl, "smime", "-verify", "-in", str(tmp_path / "rsa2048.pem"), "-inform", "PEM",
+         "-certfile", str(tmp_path / "cert.pem"), "-CAfile", str(tmp_path / "cert.pem"),
+         "-purpose", "any"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+    assert completed.returncode == 0, completed.stderr.decode()
+    assert completed.stdout == document
+    assert b"Verification successful" in completed.stderr
+
+
+# ---------------------------------------------------------------------------
+# ECS container credentials
+# ---------------------------------------------------------------------------
+
+def test_ecs_endpoint_serves_the_role_credentials(ec2):
+    server = ec2(config=PER_CLIENT)
+    status, headers, body = get(server, mds.ECS_CREDENTIALS_PATH, source="127.0.0.2")
+    assert status == 200
+    assert "json" in headers["content-type"]
+    creds = json.loads(body)
+    imds = json.loads(_credentials(server, "role-a", source="127.0.0.2"))
+    assert creds["AccessKeyId"] == imds["AccessKeyId"]
+    assert creds["Token"] == imds["Token"]
+    assert creds["Expiration"] == imds["Expiration"]
+    assert creds["RoleArn"] == "arn:aws:iam::123456789012:role/role-a"
+    assert creds["AccountId"] == "123456789012"
+    assert get(server, mds.ECS_CREDENTIALS_PATH, source="127.0.0.70")[0] == 404
+    assert server.flavor.ecs_env() == {
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI": server.url + mds.ECS_CREDENTIALS_PATH}
+
+
+def test_ecs_endpoint_authorization_token(ec2):
+    server = ec2(ecs_auth_token="secret-token-123")
+    status, _, body = get(server, mds.ECS_CREDENTIALS_PATH)
+    assert status == 401 and json.loads(body)["Code"] == "AccessDenied"
+    status, _, body = get(server, mds.ECS_CREDENTIALS_PATH, headers={"Authorization": "nope"})
+    assert status == 403
+    assert b"secret-token-123" not in body
+    status, _, body = get(server, mds.ECS_CREDENTIALS_PATH,
+                          headers={"Authorization": "secret-token-123"})
+    assert status == 200 and json.loads(body)["AccessKeyId"].startswith("ASIA")
+    # The ECS endpoint needs no IMDSv2 token even when IMDSv2 is required.
+    required = ec2(imdsv2_required=True)
+    assert get(required, mds.ECS_CREDENTIALS_PATH)[0] == 200
+
+
+# ---------------------------------------------------------------------------
+# CLI options and startup lines
+# ---------------------------------------------------------------------------
+
+def test_cli_options_round_trip(ec2):
+    parser = argparse.ArgumentParser()
+    mds.add_ec2_arguments(parser)
+    args = parser.parse_args(["--imdsv2-required", "--spot-interruption-after", "2m",
+                              "--role-name", "web", "--ecs-auth-token", "t0k"])
+    options = mds.ec2_options_from_args(args)
+    assert options == {"imdsv2_required": True, "spot_interruption_after": 120.0,
+                       "role_name": "web", "ecs_auth_token": "t0k"}
+    server = ec2(**options)
+    assert get(server, "/latest/meta-data/")[0] == 401
+    lines = "\n".join(server.flavor.startup_lines())
+    assert "IMDSv2 required" in lines
+    assert "role web (default)" in lines
+    assert mds.EC2_CERTIFICATE_PATH in lines
+    assert "t0k" not in lines
+    assert mds.parse_duration("1h30m") == 5400 and mds.parse_duration("45") == 45
+    with pytest.raises(ValueError):
+        mds.parse_duration("soon")
+    with pytest.raises(mds.ConfigError):
+        ec2(role_arn="not-an-arn")
+
+
+def test_command_line_ec2_server(tmp_path):
+    """`python mds.py --flavor ec2 ...` prints the export line and serves with the flags."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    process = subprocess.Popen(
+        [sys.executable, mds.__file__, "--flavor", "ec2", "--port", "0", "--imdsv2-required",
+         "--role-name", "cli-role", "--spot-interruption-after", "1h"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines = []
+    try:
+        deadline = time.time() + 30
+        endpoint = None
+        while time.time() < deadline and endpoint is None:
+            line = process.stderr.readline().decode("utf-8", "replace")
+            if not line:
+                break
+            lines.append(line)
+            match = re.search(r"export AWS_EC2_METADATA_SERVICE_ENDPOINT=(http://\S+)", line)
+            if match:
+                endpoint = match.group(1)
+        assert endpoint, "no export line in:\n" + "".join(lines)
+        output = "".join(lines)
+        assert "IMDSv2 required" in output
+        assert mds.EC2_CERTIFICATE_PATH in output
+        port = int(re.search(r":(\d+)/$", endpoint).group(1))
+
+        class Endpoint(object):
+            pass
+        server = Endpoint()
+        server.port = port
+        assert get(server, "/latest/meta-data/instance-id")[0] == 401
+        token = put_token(server)
+        assert text(server, "/latest/meta-data/iam/security-credentials/",
+                    headers={TOKEN: token}) == "cli-role"
+        assert text(server, "/latest/meta-data/instance-life-cycle",
+                    headers={TOKEN: token}) == "spot"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

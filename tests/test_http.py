@@ -1,0 +1,462 @@
+"""The HTTP layer and the command line, as the core issue asks: HTTP/1.1 keep-alive with
+Content-Length, TCP_NODELAY on accepted sockets, quiet and robust handling of clients that
+reset, no per-request stderr lines, 1,000 concurrent wait_for_change waiters released by one
+update, a documented --help and informative startup log lines.
+
+No assertion here depends on how fast the machine is: time limits are generous bounds that only
+stop a broken server from hanging the suite.
+"""
+
+import gc
+import http.client
+import os
+import re
+import selectors
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+V1 = "/computeMetadata/v1/"
+GOOGLE = {"Metadata-Flavor": "Google"}
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MDS_PY = os.path.join(REPO_ROOT, "mds.py")
+
+
+class CliServer:
+    """`python mds.py ...` in a child process, with its stderr captured to a file."""
+
+    def __init__(self, tmp_path, *args):
+        self.stderr_path = tmp_path / "mds-stderr.log"
+        with open(str(self.stderr_path), "wb") as stderr_file:
+            self.process = subprocess.Popen([sys.executable, MDS_PY] + list(args),
+                                            stdout=subprocess.PIPE, stderr=stderr_file,
+                                            cwd=REPO_ROOT)
+        self.port = None
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and self.process.poll() is None:
+            match = re.search(r"export GCE_METADATA_HOST=(?:\[[^]]*\]|[^\s:]+):(\d+)\b", self.stderr())
+            if match:
+                self.port = int(match.group(1))
+                break
+            time.sleep(0.05)
+        if self.port is None:
+            self.stop()
+            pytest.fail("mds.py did not announce its address; stderr:\n" + self.stderr())
+
+    def stderr(self):
+        return self.stderr_path.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process.stdout:
+            self.process.stdout.close()
+
+
+@pytest.fixture
+def cli_server(tmp_path):
+    servers = []
+
+    def start(*args):
+        server = CliServer(tmp_path, "--port", "0", *args)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def fetch(port, path, headers=GOOGLE, timeout=10):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("GET", path, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+# ---- keep-alive -----------------------------------------------------------------------------
+
+
+def test_one_connection_carries_many_requests_of_every_status(gce_server):
+    connection = http.client.HTTPConnection("127.0.0.1", gce_server.port, timeout=10)
+    requests = [
+        ("GET", V1 + "project/project-id", GOOGLE, None, 200),
+        ("GET", V1 + "instance", GOOGLE, None, 301),
+        ("GET", V1 + "project/?alt=json", GOOGLE, None, 400),
+        ("GET", V1 + "project/project-id", {}, None, 403),
+        ("GET", V1 + "no/such/thing", GOOGLE, None, 404),
+        ("POST", V1 + "project/project-id", GOOGLE, b"a body the server must consume", 405),
+        ("GET", V1 + "instance/service-accounts/default/token", GOOGLE, None, 200),
+        ("GET", "/", {}, None, 200),
+        ("GET", V1 + "?recursive=true", GOOGLE, None, 200),
+        ("GET", V1 + "project/project-id", GOOGLE, None, 200),
+    ]
+    first_socket = None
+    try:
+        for method, path, headers, body, status in requests:
+            connection.request(method, path, body=body, headers=headers)
+            response = connection.getresponse()
+            data = response.read()
+            assert response.status == status, (method, path, data[:200])
+            assert response.version == 11
+            assert response.getheader("Content-Length") == str(len(data)), path
+            assert response.getheader("Transfer-Encoding") is None
+            assert response.getheader("Date"), path
+            assert (response.getheader("Connection") or "").lower() != "close", path
+            assert not response.will_close, path
+            if first_socket is None:
+                first_socket = connection.sock
+            # http.client silently reconnects if the server closed; the socket must not change.
+            assert connection.sock is first_socket, "the server closed the connection after %s" \
+                % path
+    finally:
+        connection.close()
+
+
+def test_raw_keep_alive_requests_are_framed_by_content_length(gce_server):
+    expected = fetch(gce_server.port, V1 + "project/project-id")[1]
+    assert expected
+    with socket.create_connection(("127.0.0.1", gce_server.port), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        for _ in range(3):
+            sock.sendall(b"GET /computeMetadata/v1/project/project-id HTTP/1.1\r\n"
+                         b"Host: metadata.google.internal\r\nMetadata-Flavor: Google\r\n\r\n")
+            status_line = reader.readline()
+            assert status_line.startswith(b"HTTP/1.1 200 ")
+            headers = {}
+            for line in iter(reader.readline, b"\r\n"):
+                name, _, value = line.decode("latin-1").partition(":")
+                headers[name.strip().lower()] = value.strip()
+            body = reader.read(int(headers["content-length"]))
+            assert body == expected
+            assert headers.get("connection", "").lower() != "close"
+
+
+def server_side_socket(client_socket):
+    """The server's accepted socket object for a client connection (the server runs in this
+    process), found by its address pair."""
+    local, remote = client_socket.getsockname(), client_socket.getpeername()
+    for candidate in gc.get_objects():
+        if isinstance(candidate, socket.socket) and candidate is not client_socket:
+            try:
+                if candidate.getsockname() == remote and candidate.getpeername() == local:
+                    return candidate
+            except OSError:
+                continue
+    return None
+
+
+def test_accepted_sockets_have_tcp_nodelay(gce_server):
+    connection = http.client.HTTPConnection("127.0.0.1", gce_server.port, timeout=10)
+    try:
+        connection.request("GET", V1 + "project/project-id", headers=GOOGLE)
+        connection.getresponse().read()
+        accepted = server_side_socket(connection.sock)
+        assert accepted is not None, "could not find the server's socket for this connection"
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        connection.close()
+
+
+def test_server_threads_are_daemons(mds_server_factory):
+    import threading
+    before = set(threading.enumerate())
+    server = mds_server_factory()
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        connection.request("GET", V1 + "project/project-id", headers=GOOGLE)
+        connection.getresponse().read()
+        # The connection stays open, so its handler thread is alive now.
+        started = [thread for thread in threading.enumerate() if thread not in before]
+        assert started, "no server threads found"
+        assert [t.name for t in started if not t.daemon] == []
+    finally:
+        connection.close()
+
+
+# ---- robustness and quiet logs --------------------------------------------------------------
+
+
+def reset(sock):
+    """Close with SO_LINGER 0 so the peer sees a TCP RST instead of a FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+@pytest.mark.parametrize("log_level", [None, "debug"])
+def test_clients_that_reset_mid_request_leave_no_traceback(cli_server, log_level):
+    server = cli_server(*(["--log-level", log_level] if log_level else []))
+    address = ("127.0.0.1", server.port)
+    half_requests = [
+        b"GET /computeMetadata/v1/instance/id HTTP/1.1\r\nHost: x\r\nMetadata-Fla",
+        b"GET /computeMetadata/v1/instance/id HTTP/1.1\r\n",
+        b"GET /compute",
+        b"POST /computeMetadata/v1/instance/id HTTP/1.1\r\nHost: x\r\nMetadata-Flavor: Google"
+        b"\r\nContent-Length: 1000\r\n\r\nonly a little",
+        b"PUT /computeMetadata/v1/instance/guest-attributes/ns/key HTTP/1.1\r\nHost: x\r\n"
+        b"Metadata-Flavor: Google\r\nContent-Length: 50\r\n\r\npartial",
+    ]
+    for data in half_requests:
+        sock = socket.create_connection(address, timeout=5)
+        sock.sendall(data)
+        time.sleep(0.05)
+        reset(sock)
+    # A complete request whose (large) answer the client never reads.
+    for _ in range(5):
+        sock = socket.create_connection(address, timeout=5)
+        sock.sendall(b"GET /computeMetadata/v1/?recursive=true HTTP/1.1\r\nHost: x\r\n"
+                     b"Metadata-Flavor: Google\r\n\r\n")
+        reset(sock)
+    # A client hanging on wait_for_change that resets.
+    sock = socket.create_connection(address, timeout=5)
+    sock.sendall(b"GET /computeMetadata/v1/instance/id?wait_for_change=true HTTP/1.1\r\n"
+                 b"Host: x\r\nMetadata-Flavor: Google\r\n\r\n")
+    time.sleep(0.2)
+    reset(sock)
+    time.sleep(0.5)
+    assert fetch(server.port, V1 + "instance/id")[0] == 200, "server died"
+    log = server.stderr()
+    assert "Traceback" not in log, log
+    if log_level is None:
+        # At the default level a vanished client is not worth a line at all.
+        assert "Exception" not in log and "Error" not in log, log
+
+
+def test_no_stderr_line_per_request_at_the_default_log_level(cli_server):
+    server = cli_server()
+    fetch(server.port, "/")
+    time.sleep(0.2)
+    before = server.stderr()
+    for path, headers in [("/", {}), (V1 + "instance/id", GOOGLE), (V1 + "nope", GOOGLE),
+                          (V1 + "instance/id", {}), (V1 + "instance", GOOGLE),
+                          (V1 + "instance/service-accounts/default/token", GOOGLE)]:
+        fetch(server.port, path, headers=headers)
+    time.sleep(0.3)
+    assert server.stderr() == before
+
+
+# ---- many waiters ---------------------------------------------------------------------------
+
+
+def read_responses(sockets, deadline_seconds):
+    """Read one HTTP response from each socket; returns {socket: (status, body)}."""
+    selector = selectors.DefaultSelector()
+    buffers = {}
+    for sock in sockets:
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ)
+        buffers[sock] = b""
+    done = {}
+    deadline = time.monotonic() + deadline_seconds
+    while len(done) < len(sockets) and time.monotonic() < deadline:
+        for key, _ in selector.select(timeout=1.0):
+            sock = key.fileobj
+            try:
+                chunk = sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as exc:
+                done[sock] = ("error", str(exc).encode())
+                selector.unregister(sock)
+                continue
+            buffers[sock] += chunk
+            head, separator, body = buffers[sock].partition(b"\r\n\r\n")
+            if not chunk or separator:
+                if not chunk and not separator:
+                    done[sock] = ("closed", buffers[sock])
+                    selector.unregister(sock)
+                    continue
+                match = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+                length = int(match.group(1)) if match else 0
+                if len(body) >= length or not chunk:
+                    done[sock] = (int(head.split(b" ")[1]), body[:length])
+                    selector.unregister(sock)
+    selector.close()
+    return done
+
+
+def test_a_thousand_waiters_are_all_answered_after_one_update(gce_server):
+    count = 1000
+    path = V1 + "instance/attributes/thousand"
+    gce_server.update("instance/attributes/thousand", "before")
+    connection = http.client.HTTPConnection("127.0.0.1", gce_server.port, timeout=10)
+    connection.request("GET", path, headers=GOOGLE)
+    response = connection.getresponse()
+    response.read()
+    etag = response.getheader("ETag")
+    connection.close()
+    request = ("GET %s?wait_for_change=true&last_etag=%s HTTP/1.1\r\nHost: x\r\n"
+               "Metadata-Flavor: Google\r\n\r\n" % (path, etag)).encode()
+    sockets = []
+    try:
+        # Connect all at once, as a burst of clients would: the listen backlog must hold them.
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", gce_server.port))
+            sockets.append(sock)
+        _, writable, _ = select_all_writable(sockets, 60)
+        assert len(writable) == count, "only %d of %d connected" % (len(writable), count)
+        for sock in sockets:
+            sock.setblocking(True)
+            sock.settimeout(10)
+            sock.sendall(request)
+        time.sleep(2)   # let the server pick them all up; early birds are fine either way
+        gce_server.update("instance/attributes/thousand", "after")
+        answers = read_responses(sockets, 120)
+        statuses = [answer[0] for answer in answers.values()]
+        assert len(answers) == count, "%d of %d answered" % (len(answers), count)
+        bad = [answer for answer in answers.values() if answer != (200, b"after")]
+        assert not bad, "%d bad answers, e.g. %r (statuses %r)" % (
+            len(bad), bad[:3], sorted(set(map(str, statuses))))
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_a_waiter_on_a_high_numbered_socket_keeps_waiting(gce_server):
+    # Thousands of waiters (or an embedding test process with many files open) put accepted
+    # sockets above descriptor 1023, where select.select() cannot go.  Such a waiter must keep
+    # waiting through a change elsewhere in the tree, like any other.
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    sock = None
+    try:
+        path = V1 + "project/project-id"
+        connection = http.client.HTTPConnection("127.0.0.1", gce_server.port, timeout=10)
+        connection.request("GET", path, headers=GOOGLE)
+        response = connection.getresponse()
+        response.read()
+        etag = response.getheader("ETag")
+        connection.close()
+        sock = socket.create_connection(("127.0.0.1", gce_server.port), timeout=10)
+        sock.sendall(("GET %s?wait_for_change=true&last_etag=%s HTTP/1.1\r\nHost: x\r\n"
+                      "Metadata-Flavor: Google\r\n\r\n" % (path, etag)).encode())
+        time.sleep(0.5)
+        accepted = server_side_socket(sock)
+        assert accepted is not None and accepted.fileno() > 1023, "test setup: low fd"
+        gce_server.update("instance/attributes/unrelated", "x")
+        sock.settimeout(1.5)
+        try:
+            early = sock.recv(65536)
+        except socket.timeout:
+            early = None
+        assert early is None, "answered though its value did not change: %r" % early[-80:]
+        gce_server.update("project/project-id", "changed-project")
+        sock.settimeout(10)
+        answer = b""
+        while not answer.endswith(b"changed-project"):
+            chunk = sock.recv(65536)
+            assert chunk, "connection closed: %r" % answer
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 ")
+    finally:
+        if sock is not None:
+            sock.close()
+        for descriptor in filler:
+            os.close(descriptor)
+
+
+def select_all_writable(sockets, deadline_seconds):
+    """Wait until every non-blocking connect finished (the socket turns writable)."""
+    writable = set()
+    deadline = time.monotonic() + deadline_seconds
+    pending = list(sockets)
+    while pending and time.monotonic() < deadline:
+        selector = selectors.DefaultSelector()
+        for sock in pending:
+            selector.register(sock, selectors.EVENT_WRITE)
+        for key, _ in selector.select(timeout=1.0):
+            if key.fileobj.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                writable.add(key.fileobj)
+            else:
+                writable.discard(key.fileobj)
+                pending.remove(key.fileobj)
+        selector.close()
+        pending = [sock for sock in pending if sock not in writable]
+    return None, writable, None
+
+
+# ---- command line ---------------------------------------------------------------------------
+
+
+def help_entries():
+    result = subprocess.run([sys.executable, MDS_PY, "--help"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=30,
+                            env=dict(os.environ, COLUMNS="200"))
+    assert result.returncode == 0, result.stderr
+    entries = {}
+    current = None
+    for line in result.stdout.splitlines():
+        match = re.match(r"\s{2}(-\S.*?)(?:\s{2,}(\S.*))?$", line)
+        if match:
+            current = [flag.split(" ")[0].split("=")[0] for flag in match.group(1).split(", ")]
+            for flag in current:
+                entries[flag] = match.group(2) or ""
+        elif current and line.startswith(" " * 4) and line.strip():
+            for flag in current:
+                entries[flag] = (entries[flag] + " " + line.strip()).strip()
+        else:
+            current = None
+    return result.stdout, entries
+
+
+def test_help_documents_every_flag():
+    text, entries = help_entries()
+    for flag in ("--host", "--port", "--config", "--signing-key", "--log-level"):
+        assert flag in entries, "%s missing from --help:\n%s" % (flag, text)
+    undocumented = [flag for flag, description in entries.items() if not description]
+    assert not undocumented, "flags without a description: %s" % undocumented
+    assert "8080" in entries["--port"]
+    assert "127.0.0.1" in entries["--host"]
+
+
+def test_startup_log_names_address_config_credentials_and_exports(cli_server):
+    server = cli_server()
+    log = server.stderr()
+    authority = "127.0.0.1:%d" % server.port
+    assert authority in log.split("export")[0], "listen address not logged before exports"
+    assert re.search(r"(?i)default", log), "the config in use (built-in default) is not named"
+    assert re.search(r"(?i)offline", log), "the credential source is not named"
+    for name in ("GCE_METADATA_HOST", "GCE_METADATA_IP", "GCE_METADATA_ROOT"):
+        assert re.search(r"export %s=%s\b" % (name, re.escape(authority)), log), name
+    warnings = [line for line in log.splitlines()
+                if re.search(r"(?i)\b(warning|warn)\b", line) and re.search(r"(?i)offline", line)]
+    assert warnings, "no loud offline warning:\n" + log
+    assert re.search(r"(?i)reject", " ".join(warnings)), "the warning must say Google rejects"
+    assert fetch(server.port, "/", headers={})[0] == 200
+
+
+def test_startup_log_names_the_config_file(cli_server, tmp_path):
+    config = tmp_path / "my-config.json"
+    config.write_text('{"computeMetadata": {"v1": {"project": {"projectId": "from-file"}}}}')
+    server = cli_server("--config", str(config))
+    assert str(config) in server.stderr()
+    assert fetch(server.port, V1 + "project/project-id")[1] == b"from-file"
+
+
+def test_host_flag_picks_the_bind_address(cli_server):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    try:
+        probe = socket.socket(socket.AF_INET6)
+        probe.bind(("::1", 0))
+        probe.close()
+    except OSError:
+        pytest.skip("::1 is not configured")
+    server = cli_server("--host", "::1")
+    with socket.create_connection(("::1", server.port), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: [::1]\r\n\r\n")
+        assert sock.recv(64).startswith(b"HTTP/1.1 200")
+    assert "[::1]:%d" % server.port in server.stderr()
