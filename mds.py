@@ -242,14 +242,21 @@ class Request:
 
     def client_gone(self):
         """True once the client has closed its side (so a hanging GET can give up)."""
-        if self._socket is None:
+        sock = self._socket
+        if sock is None:
             return False
         try:
-            readable, _, _ = select.select([self._socket], [], [], 0)
-            if not readable:
+            if hasattr(select, "poll"):      # select() cannot watch descriptors above 1023
+                poller = select.poll()
+                poller.register(sock, select.POLLIN)
+                if not poller.poll(0):
+                    return False
+            elif not select.select([sock], [], [], 0)[0]:
                 return False
-            return self._socket.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):
+            return sock.recv(1, socket.MSG_PEEK) == b""
+        except (BlockingIOError, ValueError):
+            return False
+        except OSError:
             return True
 
 
@@ -765,9 +772,9 @@ class GceFlavor:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return current
-                # Wake up now and then to notice clients that hung up, so their threads end.
-                store.changed.wait(30.0 if remaining is None else min(remaining, 30.0))
-                if request.client_gone():
+                # Time out now and then to notice clients that hung up, so their threads end.
+                woken = store.changed.wait(30.0 if remaining is None else min(remaining, 30.0))
+                if not woken and request.client_gone():
                     return current
 
     def render(self, node, alt, recursive):
@@ -5553,8 +5560,9 @@ def main(argv=None):
     if server.offline():
         log.warning("OFFLINE MODE: tokens are minted locally and Google will reject them; "
                     "identity tokens verify against %s/oauth2/v3/certs", server.url)
-    for name, value in server.env.items():
-        log.info("export %s=%s", name, value)
+    # One record, so the block arrives whole and can be pasted into a shell as it is.
+    log.info("point clients at it with:\n%s", "\n".join(
+        "export %s=%s" % item for item in server.env.items()))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
