@@ -1113,10 +1113,6 @@ def _deep_merge(base, override):
     return merged
 
 
-def _ec2_time(epoch):
-    return format_imds_time(epoch)
-
-
 def _rfc1123_short(epoch):
     # Scheduled-event dates look like "21 Jan 2019 09:00:43 GMT" (spec §3.4).
     moment = time.gmtime(epoch)
@@ -1557,7 +1553,7 @@ class Ec2Flavor(object):
             ("instanceId", meta.get("instance-id")),
             ("instanceType", instance_type),
             ("kernelId", meta.get("kernel-id")),
-            ("pendingTime", _ec2_time(tree.started_at)),
+            ("pendingTime", format_imds_time(tree.started_at)),
             ("privateIp", meta.get("local-ipv4")),
             ("ramdiskId", meta.get("ramdisk-id")),
             ("region", tree.region),
@@ -1673,16 +1669,16 @@ class Ec2Flavor(object):
             return aws_json(collections.OrderedDict((
                 ("Code", "AssumeRoleUnauthorizedAccess"),
                 ("Message", "mds cannot provide credentials for role %s: %s" % (role, error)),
-                ("LastUpdated", _ec2_time(time.time())),
+                ("LastUpdated", format_imds_time(time.time())),
             )))
         return aws_json(collections.OrderedDict((
             ("Code", "Success"),
-            ("LastUpdated", _ec2_time(creds["LastUpdated"])),
+            ("LastUpdated", format_imds_time(creds["LastUpdated"])),
             ("Type", "AWS-HMAC"),
             ("AccessKeyId", creds["AccessKeyId"]),
             ("SecretAccessKey", creds["SecretAccessKey"]),
             ("Token", creds["Token"]),
-            ("Expiration", _ec2_time(creds["Expiration"])),
+            ("Expiration", format_imds_time(creds["Expiration"])),
         )))
 
     def _iam_info(self, tree, role):
@@ -1694,7 +1690,7 @@ class Ec2Flavor(object):
         # from the ARN's last segment (spec §4, §9.10).
         return aws_json(collections.OrderedDict((
             ("Code", "Success"),
-            ("LastUpdated", _ec2_time(tree.started_at)),
+            ("LastUpdated", format_imds_time(tree.started_at)),
             ("InstanceProfileArn", "arn:aws:iam::%s:instance-profile/%s" % (account, role)),
             ("InstanceProfileId", "AIPA" + _stable_id(account + "/" + role, 17,
                                                       "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567")),
@@ -1714,7 +1710,7 @@ class Ec2Flavor(object):
         account = tree.account_id
         root["identity-credentials"] = {"ec2": {
             "info": aws_json(collections.OrderedDict((
-                ("Code", "Success"), ("LastUpdated", _ec2_time(tree.started_at)),
+                ("Code", "Success"), ("LastUpdated", format_imds_time(tree.started_at)),
                 ("AccountId", account)))),
             "security-credentials": {"ec2-instance": _Computed(
                 lambda: self._identity_credentials_document(identity))},
@@ -1724,8 +1720,8 @@ class Ec2Flavor(object):
         if spot and now >= spot[0]:
             root["spot"] = {
                 "instance-action": json.dumps({"action": spot[1],
-                                               "time": _ec2_time(spot[2])}),
-                "termination-time": _ec2_time(spot[2]),
+                                               "time": format_imds_time(spot[2])}),
+                "termination-time": format_imds_time(spot[2]),
             }
         rebalance = events.get("rebalance")
         scheduled = [entry for at, entry in events.get("maintenance", []) if now >= at]
@@ -1740,7 +1736,7 @@ class Ec2Flavor(object):
         ev["maintenance"] = maintenance
         if rebalance is not None and now >= rebalance:
             ev["recommendations"] = {"rebalance": json.dumps(
-                {"noticeTime": _ec2_time(rebalance)})}
+                {"noticeTime": format_imds_time(rebalance)})}
         root["events"] = ev
         lifecycle = events.get("autoscaling")
         if lifecycle:
@@ -1751,10 +1747,10 @@ class Ec2Flavor(object):
     def _identity_credentials_document(self, provider):
         creds = provider.credentials()
         return aws_json(collections.OrderedDict((
-            ("Code", "Success"), ("LastUpdated", _ec2_time(creds["LastUpdated"])),
+            ("Code", "Success"), ("LastUpdated", format_imds_time(creds["LastUpdated"])),
             ("Type", "AWS-HMAC"), ("AccessKeyId", creds["AccessKeyId"]),
             ("SecretAccessKey", creds["SecretAccessKey"]), ("Token", creds["Token"]),
-            ("Expiration", _ec2_time(creds["Expiration"])))))
+            ("Expiration", format_imds_time(creds["Expiration"])))))
 
     # -- IMDSv2 session tokens --------------------------------------------------------------
 
@@ -1917,7 +1913,7 @@ class Ec2Flavor(object):
             ("AccessKeyId", creds["AccessKeyId"]),
             ("SecretAccessKey", creds["SecretAccessKey"]),
             ("Token", creds["Token"]),
-            ("Expiration", _ec2_time(creds["Expiration"])),
+            ("Expiration", format_imds_time(creds["Expiration"])),
             ("RoleArn", arn),
             ("AccountId", arn.split(":")[4]),
         ))), "application/json")
@@ -1967,10 +1963,10 @@ class Ec2Flavor(object):
             if kind == "maintenance":
                 for at, entry in value:
                     lines.append("event maintenance %s visible at %s" % (entry["Code"],
-                                                                         _ec2_time(at)))
+                                                                         format_imds_time(at)))
             elif value:
                 at = value[0] if isinstance(value, tuple) else value
-                lines.append("event %s at %s" % (kind, _ec2_time(at)))
+                lines.append("event %s at %s" % (kind, format_imds_time(at)))
         return lines
 
 
@@ -2251,22 +2247,14 @@ def _redact(text, limit=300):
     return text
 
 
-def _jwt_claims_unverified(token):
-    """Claims of a compact JWS without checking the signature (only to read `exp`)."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        raise ValueError("not a JWT")
-    payload = parts[1] + "=" * (-len(parts[1]) % 4)
-    claims = json.loads(base64.urlsafe_b64decode(payload.encode("ascii")).decode("utf-8"))
-    if not isinstance(claims, dict):
-        raise ValueError("JWT payload is not an object")
-    return claims
+def _jwt_claims(token):
+    return jwt_decode_unverified(token)[1]
 
 
 def _jwt_expiry(token, fallback):
     """The numeric `exp` of a JWT, or `fallback` when the token is not a JWT with one."""
     try:
-        exp = _jwt_claims_unverified(token).get("exp")
+        exp = _jwt_claims(token).get("exp")
     except (ValueError, UnicodeDecodeError, TypeError):
         return fallback
     if isinstance(exp, (int, float)) and not isinstance(exp, bool):
@@ -2901,7 +2889,7 @@ class StaticSource:
                                   "or --access-token)", status=404)
         expiry = self.expiry if self.expiry is not None else time.time() + 3600
         if expiry <= time.time():
-            raise CredentialError("the static access token expired at %s" % _utc_text(expiry),
+            raise CredentialError("the static access token expired at %s" % format_imds_time(expiry),
                                   status=403)
         return Token(self._access_token, expiry)
 
@@ -2912,13 +2900,9 @@ class StaticSource:
         fallback = self.expiry if self.expiry is not None else time.time() + 3600
         expiry = _jwt_expiry(self._id_token, fallback)
         if expiry <= time.time():
-            raise CredentialError("the static id token expired at %s" % _utc_text(expiry),
+            raise CredentialError("the static id token expired at %s" % format_imds_time(expiry),
                                   status=403)
         return Token(self._id_token, expiry)
-
-
-def _utc_text(epoch):
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
 def static_source_from_env(environ=None):
@@ -5028,7 +5012,7 @@ def parse_imds_time(text):
 
 
 def format_imds_time(epoch):
-    """The only timestamp form IMDS clients accept: %Y-%m-%dT%H:%M:%SZ (spec §4)."""
+    """UTC as %Y-%m-%dT%H:%M:%SZ: the only form IMDS clients accept (aws.md 4), and RFC 3339."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
@@ -5539,6 +5523,15 @@ def credentials_from_args(args, environ=None):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    # A signal sent to the process lands on any thread that does not block it, and only the
+    # main thread runs Python handlers: one landing on a worker could go unnoticed for as long
+    # as the main thread sleeps.  So block them before any thread starts (threads inherit the
+    # mask) and take them synchronously in the main thread.
+    wanted = {signal.SIGTERM, signal.SIGINT} | ({signal.SIGHUP} if hasattr(signal, "SIGHUP")
+                                                else set())
+    synchronous = hasattr(signal, "pthread_sigmask") and hasattr(signal, "sigwait")
+    if synchronous:
+        signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s mds %(levelname)s %(message)s")
     try:
@@ -5563,13 +5556,15 @@ def main(argv=None):
     # One record, so the block arrives whole and can be pasted into a shell as it is.
     log.info("point clients at it with:\n%s", "\n".join(
         "export %s=%s" % item for item in server.env.items()))
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, lambda *_: server.request_reload())
-    while not stop.wait(3600):
-        pass
+    if synchronous:
+        while signal.sigwait(wanted) == getattr(signal, "SIGHUP", None):
+            server.request_reload()
+    else:                                   # Windows: handlers, and a short sleep to run them
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        while not stop.wait(0.5):
+            pass
     server.stop()
     return 0
 
