@@ -4127,11 +4127,6 @@ def der_decode_integer(value):
     return int.from_bytes(value, "big", signed=True)
 
 
-def der_decode_bit_string(value):
-    """BIT STRING value -> bytes; only whole-byte strings occur in the structures we read."""
-    if not value or value[0] != 0:
-        raise ValueError("DER: BIT STRING with unused bits")
-    return value[1:]
 
 
 def oid_decode(value):
@@ -5291,7 +5286,7 @@ class MetadataServer:
         try:
             source = build_credential_source(spec, signer=self.signer)
         except CredentialError as exc:
-            raise ConfigError("--service-account-file %s: %s" % (spec["path"], exc))
+            raise ConfigError("--service-account-file: %s" % exc)
         if getattr(source, "email", None):
             self.identity.setdefault("key_file_email", source.email)
         if getattr(source, "project_id", None):
