@@ -2159,6 +2159,24 @@ class OfflineSource:
         return "offline (locally minted tokens for %s; Google will reject them)" % self.email
 
 
+class SignerWithKeyId:
+    """One shared signer (a TPM key) seen under an account's own key id, so that accounts
+    sharing the key each get their `kid` without changing the signer under the others."""
+
+    def __init__(self, signer, key_id=None):
+        self._signer = signer
+        self.key_id = key_id or signer.key_id
+
+    def sign(self, message):
+        return self._signer.sign(message)
+
+    def public_numbers(self):
+        return self._signer.public_numbers()
+
+    def __getattr__(self, name):          # fingerprint(), describe(), ...
+        return getattr(self._signer, name)
+
+
 class SigningKey:
     """The server's RSA key for identity tokens: loaded from a PEM file, or generated in the
     background at startup so that serving never waits for prime generation.
@@ -2945,7 +2963,7 @@ def build_credential_source(spec, signer=None, account_email=None):
     if kind == "key-file":
         key = spec.get("key") or spec.get("path")
         if key is None and signer is not None:
-            key = {"client_email": spec.get("client_email"),
+            key = {"client_email": spec.get("client_email"), "client_id": spec.get("client_id"),
                    "token_uri": spec.get("token_uri"), "project_id": spec.get("project_id")}
         if key is None:
             raise CredentialError("key-file credentials need \"path\" (or \"key\")", status=500)
@@ -5333,28 +5351,30 @@ class MetadataServer:
 
     def source_for(self, email_address, spec=None, account_options=None):
         """The credential source of an account, reused across reloads while its spec holds."""
-        key_id = (account_options or {}).get("keyId")
-        if spec and spec.get("tpm") and key_id and not spec.get("key_id"):
-            spec = dict(spec, key_id=key_id)
-        key = (email_address, canonical_json(spec) if spec else None)
+        options = account_options or {}
+        unique_id = str(options.get("uniqueId") or unique_id_for(email_address))
+        if spec and spec.get("tpm"):
+            # A TPM key carries no account data: the account's settings supply it.
+            spec = dict(spec, client_email=spec.get("client_email") or email_address,
+                        client_id=spec.get("client_id") or unique_id)
+            if options.get("keyId") and not spec.get("key_id"):
+                spec["key_id"] = options["keyId"]
+        key = (email_address, unique_id, canonical_json(spec) if spec else None)
         with self._sources_guard:
             source = self._sources.get(key)
             if source is None:
-                source = self._sources[key] = self._build_source(email_address, spec)
+                source = self._sources[key] = self._build_source(email_address, spec, unique_id)
             return source
 
-    def _build_source(self, email_address, spec):
+    def _build_source(self, email_address, spec, unique_id):
         if not spec or spec.get("type") in (None, "offline"):
-            return OfflineSource(email_address, unique_id_for(email_address), self.signing_key)
+            return OfflineSource(email_address, unique_id, self.signing_key)
         signer = None
         if spec.get("tpm"):
             if self.signer is None:
                 raise ConfigError("credentials for %s want a TPM key: start mds with --tpm"
                                   % email_address)
-            signer = self.signer
-            if spec.get("key_id"):
-                signer.key_id = spec["key_id"]
-            spec = dict(spec, client_email=spec.get("client_email") or email_address)
+            signer = SignerWithKeyId(self.signer, spec.get("key_id"))
         try:
             source = build_credential_source(spec, signer=signer, account_email=email_address)
         except CredentialError as exc:

@@ -6,6 +6,7 @@ generated, so these tests fail if signing, claims or the HTTP exchange are wrong
 """
 
 import base64
+import http.client
 import json
 import logging
 import os
@@ -812,3 +813,38 @@ def test_go_oauth2_google_receives_the_token_google_issued(fake, client_server, 
                                          "scopes": [CLOUD_PLATFORM, STORAGE_READ]}
     assert report["adc_token"]["access_token"] == token == _served_token(server)
     assert fake.count("token:jwt-bearer") == 1
+
+
+def test_accounts_sharing_one_signer_each_keep_their_key_id(mds_server_factory):
+    """A TPM key shared by two accounts: each account's tokens carry its own kid and sub."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding as rsa_padding
+    from cryptography.hazmat.primitives.asymmetric import rsa as rsa_keys
+
+    shared = mds.RsaKey.generate(1024)
+    first, second = "one@p.iam.gserviceaccount.com", "two@p.iam.gserviceaccount.com"
+    spec = {"type": "key-file", "tpm": True, "token_mode": "self-signed"}
+    config = {
+        "computeMetadata": {"v1": {"instance": {"serviceAccounts": {
+            first: {"aliases": ["default"], "email": first, "scopes": ["s"]},
+            second: {"email": second, "scopes": ["s"]}}}}},
+        "mds": {"serviceAccounts": {
+            first: {"credentials": spec, "keyId": "kid-one", "uniqueId": "111"},
+            second: {"credentials": spec, "keyId": "kid-two", "uniqueId": "222"}}}}
+    server = mds_server_factory(config=config, signer=shared)
+    n, e = shared.public_numbers()
+    public = rsa_keys.RSAPublicNumbers(e, n).public_key()
+    seen = {}
+    for account in (first, second):
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        connection.request("GET", "/computeMetadata/v1/instance/service-accounts/%s/identity"
+                           "?audience=https://aud.example" % account,
+                           headers={"Metadata-Flavor": "Google"})
+        token = connection.getresponse().read().decode()
+        connection.close()
+        header, claims = mds.jwt_decode_unverified(token)
+        signing_input, signature = token.rsplit(".", 1)
+        public.verify(base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4)),
+                      signing_input.encode(), rsa_padding.PKCS1v15(), hashes.SHA256())
+        seen[account] = (header["kid"], claims["sub"], claims["email"])
+    assert seen == {first: ("kid-one", "111", first), second: ("kid-two", "222", second)}
