@@ -3945,7 +3945,9 @@ class AssumeRoleCredentials(object):
         with self._lock:
             self._cached = fresh
             self._last_error = None
-        _ec2_log.info("AssumeRole %s ok: %s, expires %s", self.role_arn, fresh["AccessKeyId"],
+        # Only a hint of the key id: enough to match CloudTrail entries, nothing to reuse.
+        key_hint = fresh["AccessKeyId"][:4] + "..." + fresh["AccessKeyId"][-4:]
+        _ec2_log.info("AssumeRole %s ok: %s, expires %s", self.role_arn, key_hint,
                       format_imds_time(fresh["Expiration"]))
         return None
 
