@@ -153,3 +153,28 @@ def test_ci_runs_the_readme_test_command():
         readme_lines = [line.strip() for line in handle]
     assert any(line.lstrip("$ ").startswith(TEST_COMMAND) for line in readme_lines), \
         "README.md does not document %r" % TEST_COMMAND
+
+
+def test_the_package_builds_with_the_mds_command_and_both_extras(tmp_path):
+    """`pip install "mds[google]"` / `"mds[tpm]"`, which error messages and README name, work."""
+    import shutil
+    import zipfile
+
+    source = tmp_path / "source"          # a copy, so the build leaves nothing in the checkout
+    source.mkdir()
+    for name in ("mds.py", "setup.cfg", "pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(os.path.join(REPO_ROOT, name), str(source / name))
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path), str(source)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    wheel = next(tmp_path.glob("mds-*.whl"))
+    with zipfile.ZipFile(str(wheel)) as archive:
+        names = archive.namelist()
+        metadata = archive.read(next(n for n in names if n.endswith("/METADATA"))).decode()
+        entry_points = archive.read(next(n for n in names
+                                         if n.endswith("/entry_points.txt"))).decode()
+    assert "mds.py" in names
+    assert re.search(r"^mds\s*=\s*mds:main$", entry_points, re.M)
+    assert re.search(r'^Requires-Dist: google-auth.*extra == "google"', metadata, re.M)
+    assert re.search(r'^Requires-Dist: tpm2-pytss==3\.0\.0.*extra == "tpm"', metadata, re.M)
