@@ -53,6 +53,7 @@ import ssl
 import sys
 import threading
 import time
+import types
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -273,7 +274,7 @@ class Response:
         self.bare = bare            # True: leave out the flavor's common headers
 
 
-_REASONS = {s.value: s.phrase for s in http.HTTPStatus}
+_REASONS = types.MappingProxyType({s.value: s.phrase for s in http.HTTPStatus})
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -411,7 +412,7 @@ JSON_BY_DEFAULT = (("instance", "tags"),)
 SERVICE_ACCOUNT_ENDPOINTS = ("token", "identity")
 
 CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
-DEFAULT_SCOPES = [CLOUD_PLATFORM, "https://www.googleapis.com/auth/userinfo.email"]
+DEFAULT_SCOPES = (CLOUD_PLATFORM, "https://www.googleapis.com/auth/userinfo.email")
 
 
 def _user_container(path):
@@ -986,14 +987,14 @@ def _render_text(node):
 
 
 # Functions that add a flavor's own command-line flags (the EC2 flavor registers one).
-FLAVOR_ARGUMENTS = [lambda parser: add_ec2_arguments(parser)]
+FLAVOR_ARGUMENTS = (lambda parser: add_ec2_arguments(parser),)
 
-FLAVORS = {
+FLAVORS = types.MappingProxyType({
     "gce": lambda server: GceFlavor(server, "gce"),
     "cloudrun": lambda server: GceFlavor(server, "serverless"),
     "gke": lambda server: GceFlavor(server, "gke"),
     "ec2": lambda server: Ec2Flavor(server),
-}
+})
 
 
 # ---- EC2 flavor ------------------------------------------------------------------------------
@@ -1044,9 +1045,9 @@ _EC2_XHTML_PAGE = (
     ' <body>\n  <h1>%(title)s</h1>\n </body>\n</html>\n'
 )
 
-_REGION_DIRECTIONS = {"east": "e", "west": "w", "north": "n", "south": "s", "central": "c",
-                      "southeast": "se", "southwest": "sw", "northeast": "ne",
-                      "northwest": "nw", "gov": "g", "iso": "i", "isob": "ib"}
+_REGION_DIRECTIONS = types.MappingProxyType({
+    "east": "e", "west": "w", "north": "n", "south": "s", "central": "c", "southeast": "se",
+    "southwest": "sw", "northeast": "ne", "northwest": "nw", "gov": "g", "iso": "i", "isob": "ib"})
 
 
 def ec2_error_response(status, extra_headers=()):
