@@ -399,7 +399,13 @@ class RecordingProxy:
                 client, _ = listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port + offset))
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port + offset))
+            except OSError:
+                # The TPM behind the proxy is gone (teardown, or a restart under test): the
+                # client sees its connection close, as it would talking to the TPM directly.
+                client.close()
+                continue
             threading.Thread(target=self._pump, args=(client, upstream, offset == 0),
                              daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, False),
