@@ -10,11 +10,13 @@ shell.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 import pytest
 
@@ -215,3 +217,52 @@ def run_python(script, env, args=()):
     python = sys.executable or VENV_PYTHON
     return _run_json([python, script_path] + [str(a) for a in args], env, TESTS_DIR,
                      "python %s" % script)
+
+
+def stop_process(process, timeout=10):
+    """Terminate a child process, killing it if it has not stopped within `timeout` seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class MdsCli:
+    """`python3 mds.py --port 0 ARGS...` run as a user runs it, its stderr kept in a file.
+
+    Startup waits for the log's `export GCE_METADATA_HOST=HOST:PORT` line; `port` and `url`
+    come from it, `stderr()` is the log so far (all of it after `stop()`).
+    """
+
+    def __init__(self, log_dir, *args, startup_timeout=30):
+        handle, self.stderr_path = tempfile.mkstemp(prefix="mds-stderr-", suffix=".log",
+                                                    dir=str(log_dir))
+        with os.fdopen(handle, "wb") as stderr_file:
+            self.process = subprocess.Popen(
+                [sys.executable, os.path.join(REPO_ROOT, "mds.py"), "--port", "0"]
+                + [str(arg) for arg in args],
+                stdout=subprocess.DEVNULL, stderr=stderr_file, cwd=REPO_ROOT)
+        self.port = None
+        deadline = time.monotonic() + startup_timeout
+        while time.monotonic() < deadline and self.process.poll() is None:
+            match = re.search(r"export GCE_METADATA_HOST=((?:\[[^]]*\]|[^\s:]+):(\d+))\b",
+                              self.stderr())
+            if match:
+                self.authority, self.port = match.group(1), int(match.group(2))
+                break
+            time.sleep(0.05)
+        if self.port is None:
+            self.stop()
+            pytest.fail("mds.py did not announce its address; stderr:\n" + self.stderr(),
+                        pytrace=False)
+        self.url = "http://" + self.authority
+
+    def stderr(self):
+        with open(self.stderr_path, encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+
+    def stop(self):
+        stop_process(self.process)

@@ -9,10 +9,7 @@ import base64
 import copy
 import http.client
 import json
-import os
 import re
-import subprocess
-import sys
 import threading
 import time
 import urllib.parse
@@ -20,6 +17,7 @@ import urllib.parse
 import pytest
 
 import mds
+from clients import MdsCli
 
 V1 = "/computeMetadata/v1/"
 GOOGLE = {"Metadata-Flavor": "Google"}
@@ -30,7 +28,6 @@ COMMON_HEADERS = {
     "X-Frame-Options": "SAMEORIGIN",
 }
 ETAG_SHAPE = re.compile(r"[0-9a-f]{16}")
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PRIMARY = "app-sa@my-proj.iam.gserviceaccount.com"
 SECONDARY = "other-sa@my-proj.iam.gserviceaccount.com"
@@ -1086,37 +1083,6 @@ def test_jwks_and_pem_certs_publish_the_same_key(shared_server):
 # ---- --signing-key --------------------------------------------------------------------------
 
 
-def start_cli(args, tmp_path):
-    """Run `mds.py` as a user would; returns (process, base_url) once it is listening."""
-    stderr_path = tmp_path / "mds-stderr.log"
-    stderr_file = open(stderr_path, "wb")
-    process = subprocess.Popen([sys.executable, os.path.join(REPO_ROOT, "mds.py"),
-                                "--port", "0"] + list(args),
-                               stdout=subprocess.DEVNULL, stderr=stderr_file, cwd=REPO_ROOT)
-    stderr_file.close()
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        text = stderr_path.read_text(errors="replace")
-        match = re.search(r"export GCE_METADATA_HOST=(\S+)", text)
-        if match:
-            return process, "http://" + match.group(1)
-        if process.poll() is not None:
-            break
-        time.sleep(0.05)
-    process.kill()
-    process.wait()
-    pytest.fail("mds.py did not start: %s" % stderr_path.read_text(errors="replace"))
-
-
-def stop_cli(process):
-    process.terminate()
-    try:
-        process.wait(10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 @pytest.mark.parametrize("pem_format", ["PKCS8", "TraditionalOpenSSL"])
 def test_signing_key_pem_is_honoured(tmp_path, pem_format):
     from cryptography.hazmat.primitives import hashes, serialization
@@ -1126,12 +1092,10 @@ def test_signing_key_pem_is_honoured(tmp_path, pem_format):
     pem_path.write_bytes(private_key.private_bytes(
         serialization.Encoding.PEM, getattr(serialization.PrivateFormat, pem_format),
         serialization.NoEncryption()))
-    process, url = start_cli(["--signing-key", str(pem_path)], tmp_path)
+    cli = MdsCli(tmp_path, "--signing-key", pem_path)
     try:
-        parsed = urllib.parse.urlsplit(url)
-
         class Endpoint:
-            port = parsed.port
+            port = cli.port
 
         token = get(Endpoint, V1 + "instance/service-accounts/default/identity?audience=k")
         token = token.body.decode()
@@ -1145,4 +1109,4 @@ def test_signing_key_pem_is_honoured(tmp_path, pem_format):
                                   "big")
         assert served_n == private_key.public_key().public_numbers().n
     finally:
-        stop_cli(process)
+        cli.stop()

@@ -20,46 +20,12 @@ import time
 
 import pytest
 
+from clients import MdsCli
+
 V1 = "/computeMetadata/v1/"
 GOOGLE = {"Metadata-Flavor": "Google"}
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MDS_PY = os.path.join(REPO_ROOT, "mds.py")
-
-
-class CliServer:
-    """`python mds.py ...` in a child process, with its stderr captured to a file."""
-
-    def __init__(self, tmp_path, *args):
-        self.stderr_path = tmp_path / "mds-stderr.log"
-        with open(str(self.stderr_path), "wb") as stderr_file:
-            self.process = subprocess.Popen([sys.executable, MDS_PY] + list(args),
-                                            stdout=subprocess.PIPE, stderr=stderr_file,
-                                            cwd=REPO_ROOT)
-        self.port = None
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and self.process.poll() is None:
-            match = re.search(r"export GCE_METADATA_HOST=(?:\[[^]]*\]|[^\s:]+):(\d+)\b", self.stderr())
-            if match:
-                self.port = int(match.group(1))
-                break
-            time.sleep(0.05)
-        if self.port is None:
-            self.stop()
-            pytest.fail("mds.py did not announce its address; stderr:\n" + self.stderr())
-
-    def stderr(self):
-        return self.stderr_path.read_text(encoding="utf-8", errors="replace")
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self.process.stdout:
-            self.process.stdout.close()
 
 
 @pytest.fixture
@@ -67,7 +33,7 @@ def cli_server(tmp_path):
     servers = []
 
     def start(*args):
-        server = CliServer(tmp_path, "--port", "0", *args)
+        server = MdsCli(tmp_path, *args)
         servers.append(server)
         return server
 

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -17,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 import mds
 import tpm_support  # tests/ is on sys.path via conftest.py
+from clients import stop_process
 from tpm_support import TpmTools, pytss_generate_key, pytss_import_key, require_tpm2_pytss
 from tpm_support import swtpm, swtpm_process  # noqa: F401,F811  (pytest fixtures)
 
@@ -330,7 +332,6 @@ def test_unix_socket_tcti(tmp_path, tools, key_pem, known_key):
          "dir=" + str(state), "--flags", "not-need-init,startup-clear"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        import time
         for _ in range(100):
             if os.path.exists(socket_path):
                 break
@@ -342,8 +343,7 @@ def test_unix_socket_tcti(tmp_path, tools, key_pem, known_key):
         with mds.TpmSigner(tcti="swtpm:path=" + socket_path, key_file=pem_path) as signer:
             assert_signs_with(signer, known_key.public_key())
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        stop_process(process)
 
 
 # -- robustness --------------------------------------------------------------------------------

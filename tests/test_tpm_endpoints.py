@@ -9,11 +9,8 @@ import hashlib
 import http.client
 import json
 import os
-import queue
-import re
 import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 
@@ -24,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 
 import mds
 import tpm_support  # tests/ is on sys.path via conftest.py
+from clients import MdsCli
 from fake_google import b64url_decode
 from tpm_support import pytss_import_key
 from tpm_support import swtpm, swtpm_process  # noqa: F401,F811  (pytest fixtures)
@@ -357,52 +355,6 @@ def test_self_signed_identity_sub_is_the_numeric_unique_id(tools, swtpm, fake_go
 
 # -- the command line ------------------------------------------------------------------------------
 
-class MdsProcess:
-    """`python3 mds.py ...` as a subprocess; its stderr is collected by a reader thread."""
-
-    def __init__(self, args):
-        self.process = subprocess.Popen([sys.executable, "mds.py"] + [str(a) for a in args],
-                                        cwd=REPO, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, text=True)
-        self.lines = queue.Queue()
-        self.stderr = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        for line in self.process.stderr:
-            self.stderr.append(line)
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def port(self, timeout=30):
-        """The port from the startup log's `export GCE_METADATA_HOST=127.0.0.1:PORT`."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                line = self.lines.get(timeout=max(0.01, deadline - time.time()))
-            except queue.Empty:
-                break
-            if line is None:
-                break
-            match = re.search(r"export GCE_METADATA_HOST=127\.0\.0\.1:(\d+)", line)
-            if match:
-                return int(match.group(1))
-        raise AssertionError("no GCE_METADATA_HOST line from mds (exit %s): %s"
-                             % (self.process.poll(), "".join(self.stderr)))
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        self._reader.join(timeout=10)  # the whole log is in self.stderr before it is checked
-        self.process.stderr.close()
-
-
 def _tpm_key_file(tools, account, tmp_path, key_password=None):
     key_path = write_account_key(account, tmp_path)
     parent = tools.h2_primary()
@@ -420,11 +372,10 @@ def _write_config(account, tmp_path):
 def test_cli_serves_tpm_signed_tokens(tools, swtpm, fake_google, tmp_path):
     account = fake_google.add_service_account()
     key_file = _tpm_key_file(tools, account, tmp_path)
-    server = MdsProcess(["--tpm", "--tpm-path", swtpm, "--tpm-key-file", key_file,
-                         "--token-mode", "self-signed", "--port", "0",
-                         "--config", _write_config(account, tmp_path)])
+    server = MdsCli(tmp_path, "--tpm", "--tpm-path", swtpm, "--tpm-key-file", key_file,
+                    "--token-mode", "self-signed", "--config", _write_config(account, tmp_path))
     try:
-        port = server.port()
+        port = server.port
         status, body = get(port, "token", scopes=CLOUD_PLATFORM)
         assert status == 200, body
         access_token = check_access_jwt(body, account.private_key.public_key(), account,
@@ -436,7 +387,7 @@ def test_cli_serves_tpm_signed_tokens(tools, swtpm, fake_google, tmp_path):
         assert server.process.poll() is None
     finally:
         server.stop()
-    log = "".join(server.stderr)
+    log = server.stderr()
     assert access_token not in log and identity not in log  # tokens never reach the log
     assert fake_google.count() == 0
 

@@ -10,17 +10,15 @@ import http.client
 import json
 import logging
 import os
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
+from clients import MdsCli
+
 V1 = "/computeMetadata/v1/"
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMAIL = "runner@tree-proj.iam.gserviceaccount.com"
 RELOAD_DEADLINE_SECONDS = 2.0     # the issue: an edited config is served within 2 seconds
 
@@ -381,41 +379,21 @@ def test_a_bad_reload_keeps_the_last_good_tree_and_logs_why(file_server, config_
 def test_sighup_reloads_a_running_cli_server(tmp_path, config_file):
     if not hasattr(signal, "SIGHUP"):
         pytest.skip("no SIGHUP on this platform")
-    stderr_path = tmp_path / "stderr.log"
-    with open(str(stderr_path), "wb") as stderr_file:
-        process = subprocess.Popen(
-            [sys.executable, os.path.join(REPO_ROOT, "mds.py"), "--port", "0",
-             "--config", str(config_file)],
-            stdout=subprocess.DEVNULL, stderr=stderr_file, cwd=REPO_ROOT)
+    cli = MdsCli(tmp_path, "--config", config_file)
     try:
-        port = None
-        deadline = time.monotonic() + 15
-        while port is None and time.monotonic() < deadline and process.poll() is None:
-            match = re.search(r"export GCE_METADATA_HOST=[^\s:]+:(\d+)",
-                              stderr_path.read_text(errors="replace"))
-            port = int(match.group(1)) if match else None
-            time.sleep(0.05)
-        assert port, stderr_path.read_text(errors="replace")
-
         class Endpoint:
-            pass
+            port = cli.port
 
-        Endpoint.port = port
         assert text(Endpoint, "instance/attributes/dash-key") == "b"
         rewrite_keeping_stamp(config_file, document_with_attribute("H"))
         time.sleep(1.5)
         if text(Endpoint, "instance/attributes/dash-key") != "b":
             pytest.skip("the poller noticed an edit that kept the file's stamp, so this test "
                         "cannot tell a SIGHUP reload from a poll")
-        process.send_signal(signal.SIGHUP)
+        cli.process.send_signal(signal.SIGHUP)
         assert wait_for_body(Endpoint, "instance/attributes/dash-key", b"H", 1.0) is not None
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        cli.stop()
 
 
 # ---- runtime update / delete ----------------------------------------------------------------

@@ -15,6 +15,8 @@ import time
 
 import pytest
 
+from clients import stop_process
+
 SWTPM_TOOLS = ("swtpm",)
 TPM2_TOOLS = ("tpm2_createprimary", "tpm2_import", "tpm2_load", "tpm2_evictcontrol",
               "tpm2_encodeobject", "tpm2_create", "tpm2_readpublic", "tpm2_flushcontext",
@@ -121,13 +123,8 @@ class Swtpm:
             return "(no log)"
 
     def stop(self):
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
+        if self.process is not None:
+            stop_process(self.process, timeout=5)
         self.process = None
 
     def restart(self):
