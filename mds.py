@@ -2322,15 +2322,50 @@ def _status_for_upstream(status):
     return 502
 
 
+def post_upstream(url, what, data, headers, describe_error, status_for, timeout=10.0,
+                  retry_delays=(), context=None):
+    """POST `data` to an upstream credential endpoint (Google, STS) and return the body.
+
+    Transient failures (connection errors, timeouts, 408/429/5xx) are retried after each delay
+    in `retry_delays` (short and bounded: a metadata client may be waiting).  Every failure
+    ends as a CredentialError naming `what`, the endpoint and the upstream's own error, all
+    redacted; never the request, which carries an assertion, a bearer token or a signature.
+    `describe_error(status, body)` words an HTTP error; `status_for(status)` is what the
+    metadata endpoint answers for it.
+    """
+    endpoint = _url_host(url)
+    attempts = len(retry_delays) + 1
+    for attempt in range(attempts):
+        try:
+            request = urllib.request.Request(url, data=data, headers=headers, method="POST")
+            with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
+                return response.read()
+        except urllib.error.HTTPError as exc:
+            body = exc.read() if exc.fp is not None else b""
+            cause = _redact(describe_error(exc.code, body))
+            transient = exc.code in _TRANSIENT_STATUSES
+            status = status_for(exc.code)
+        except OSError as exc:                 # URLError, timeouts, refused and reset connections
+            cause = "network error, unreachable: %s" % _redact(getattr(exc, "reason", None)
+                                                                or exc)
+            transient, status = True, 502
+        except http.client.HTTPException as exc:
+            cause = "network error: %s" % type(exc).__name__
+            transient, status = True, 502
+        except ValueError:
+            raise CredentialError("%s: %s is not a usable URL" % (what, endpoint),
+                                  status=500) from None
+        if not transient or attempt == attempts - 1:
+            raise CredentialError("%s: %s failed (%s)" % (what, endpoint, cause), status=status)
+        delay = retry_delays[attempt] * (0.75 + random.random() / 2)
+        CREDS_LOG.warning("%s: %s failed (%s); retrying in %.2fs", what, endpoint, cause, delay)
+        time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
 def google_post(url, what, form=None, json_body=None, bearer=None, timeout=10.0,
                 retry_delays=(0.25, 1.0)):
-    """POST to a Google endpoint and return the decoded JSON answer.
-
-    Transient failures (connection errors, timeouts, 408/429/5xx) are retried after each
-    delay in `retry_delays` (short and bounded: a metadata client is waiting). Every failure
-    ends as a CredentialError naming `what`, the endpoint and Google's error, never the
-    request body (it carries the assertion or a bearer token).
-    """
+    """POST to a Google endpoint and return the decoded JSON answer (see post_upstream)."""
     if form is not None:
         data = urllib.parse.urlencode(form).encode("ascii")
         content_type = "application/x-www-form-urlencoded"
@@ -2341,42 +2376,18 @@ def google_post(url, what, form=None, json_body=None, bearer=None, timeout=10.0,
                "User-Agent": "mds-metadata-emulator"}
     if bearer:
         headers["Authorization"] = "Bearer " + bearer
+    body = post_upstream(url, what, data, headers, _describe_upstream_error,
+                         _status_for_upstream, timeout, retry_delays)
     endpoint = _url_host(url)
-    attempts = len(retry_delays) + 1
-    for attempt in range(attempts):
-        try:
-            request = urllib.request.Request(url, data=data, headers=headers, method="POST")
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                body = response.read()
-            try:
-                answer = json.loads(body.decode("utf-8"))
-            except ValueError:
-                raise CredentialError("%s: %s answered something that is not JSON"
-                                      % (what, endpoint), status=502) from None
-            if not isinstance(answer, dict):
-                raise CredentialError("%s: %s answered an unexpected JSON document"
-                                      % (what, endpoint), status=502)
-            return answer
-        except urllib.error.HTTPError as exc:
-            body = exc.read() if exc.fp is not None else b""
-            cause = _describe_upstream_error(exc.code, body)
-            transient = exc.code in _TRANSIENT_STATUSES
-            status = _status_for_upstream(exc.code)
-        except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            cause = "network error: %s" % _redact(reason)
-            transient = True
-            status = 502
-        except http.client.HTTPException as exc:
-            cause = "network error: %s" % type(exc).__name__
-            transient = True
-            status = 502
-        if not transient or attempt == attempts - 1:
-            raise CredentialError("%s: %s failed (%s)" % (what, endpoint, cause), status=status)
-        delay = retry_delays[attempt] * (0.75 + random.random() / 2)
-        CREDS_LOG.warning("%s: %s failed (%s); retrying in %.2fs", what, endpoint, cause, delay)
-        time.sleep(delay)
-    raise AssertionError("unreachable")
+    try:
+        answer = json.loads(body.decode("utf-8"))
+    except ValueError:
+        raise CredentialError("%s: %s answered something that is not JSON"
+                              % (what, endpoint), status=502) from None
+    if not isinstance(answer, dict):
+        raise CredentialError("%s: %s answered an unexpected JSON document"
+                              % (what, endpoint), status=502)
+    return answer
 
 
 def _scope_string(scopes):
@@ -3938,11 +3949,13 @@ class AssumeRoleCredentials(object):
         """One synchronous AssumeRole; updates the cache, returns the error text or None."""
         try:
             fresh = self._assume()
-        except CredentialError as error:
+        except Exception as error:     # the refresher thread must outlive any single failure
+            text = str(error) if isinstance(error, CredentialError) else \
+                "unexpected %s: %s" % (type(error).__name__, _redact(error))
             with self._lock:
-                self._last_error = str(error)
-            _ec2_log.warning("AssumeRole %s failed: %s", self.role_arn, error)
-            return str(error)
+                self._last_error = text
+            _ec2_log.warning("AssumeRole %s failed: %s", self.role_arn, text)
+            return text
         with self._lock:
             self._cached = fresh
             self._last_error = None
@@ -5072,20 +5085,14 @@ def sts_call(params, keys, region=None, endpoint=None, timeout=10.0, environ=Non
     """
     environ = os.environ if environ is None else environ
     url, headers, body = sts_build_request(params, keys, region, endpoint, now)
-    request = urllib.request.Request(url, data=body, method="POST", headers=dict(headers))
     context = _sts_ssl_context(environ) if url.startswith("https:") else None
+    what = "STS " + params.get("Action", "call")
+    # No retries here: the refresher that calls this paces its own attempts.
+    payload = post_upstream(url, what, body, dict(headers),
+                            lambda status, text: "HTTP %d %s" % (status, _sts_error_text(text)),
+                            lambda status: 502, timeout, context=context)
+    url = _url_host(url)
     action = params.get("Action", "STS")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
-            payload = response.read()
-    except urllib.error.HTTPError as error:
-        detail = _sts_error_text(error.read())
-        raise CredentialError("STS %s at %s failed: HTTP %d %s"
-                              % (action, url, error.code, detail), status=502)
-    except (urllib.error.URLError, OSError) as error:
-        reason = getattr(error, "reason", error)
-        raise CredentialError("STS %s at %s unreachable: %s" % (action, url, reason),
-                              status=502)
     try:
         root = ElementTree.fromstring(payload)
     except ElementTree.ParseError:

@@ -133,9 +133,10 @@ class FakeSts(object):
         return "http://127.0.0.1:%d/" % self._httpd.server_address[1]
 
     # ---- knobs ----
-    def fail_next(self, count=1, status=400, code="Throttling"):
+    def fail_next(self, count=1, status=400, code="Throttling",
+                  message="Failure requested by the test"):
         with self._lock:
-            self._fail_budget.extend([(status, code)] * count)
+            self._fail_budget.extend([(status, code, message)] * count)
 
     # ---- request handling ----
     def _verify_signature(self, method, path, headers, body):
@@ -220,7 +221,8 @@ class FakeSts(object):
             with self._lock:
                 forced = self._fail_budget.pop(0) if self._fail_budget else self.failing
             if forced:
-                raise StsRejection(forced[0], forced[1], "Failure requested by the test")
+                message = forced[2] if len(forced) > 2 else "Failure requested by the test"
+                raise StsRejection(forced[0], forced[1], message)
             if params.get("Version") != "2011-06-15":
                 raise StsRejection(400, "InvalidAction", "Unsupported Version")
             action = params.get("Action")

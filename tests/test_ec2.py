@@ -584,6 +584,39 @@ def test_assume_role_bad_source_key_is_reported(ec2, sts_env, monkeypatch):
     assert "not-the-secret" not in failed["Message"]
 
 
+
+def test_sts_error_text_never_quotes_the_source_credentials(ec2, monkeypatch, caplog):
+    # Realistic shapes: a 40-character secret key and a long session token, echoed back by STS.
+    secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLEKEY"
+    token = "FwoGZXIvYXdzEBYaDExampleSessionToken" + "Ab12" * 30
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", SOURCE_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", token)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    with FakeSts({SOURCE_KEY: (secret, token)}, region="eu-central-1") as sts:
+        sts.fail_next(count=50, status=403, code="AccessDenied",
+                      message="not authorized for session %s with key %s" % (token, secret))
+        with caplog.at_level("WARNING"):
+            server = ec2(config=_assume_role_config(sts))
+            assert _wait_for(lambda: len(sts.requests) >= 1)
+            failed = json.loads(_credentials(server, "app-role"))
+    assert failed["Code"] != "Success" and "AccessDenied" in failed["Message"]
+    for text in [failed["Message"]] + [record.getMessage() for record in caplog.records]:
+        assert token not in text and secret not in text, text
+
+
+
+def test_an_unusable_sts_endpoint_is_reported_not_left_pending(ec2, sts_env):
+    # A scheme-less endpoint used to kill the refresher thread: clients then saw "pending"
+    # forever.  It must be reported like any other STS failure.
+    config = _assume_role_config(sts_env)
+    config["mds"]["ec2"]["roles"]["app-role"]["sts_endpoint"] = "sts.eu-central-1.amazonaws.com"
+    server = ec2(config=config)
+    failed = json.loads(_credentials(server, "app-role"))
+    assert failed["Code"] != "Success"
+    assert "not a usable URL" in failed["Message"], failed["Message"]
+
+
 # ---------------------------------------------------------------------------
 # Per-client roles (source address -> role)
 # ---------------------------------------------------------------------------
