@@ -5195,7 +5195,7 @@ class MetadataServer:
         self._adopt_key_file_identity()
         document = self._prepare(document)
         self.settings = document.get("mds") or {} if isinstance(document, dict) else {}
-        self.store = MetadataStore(document, self.flavor.compile)
+        self.store = MetadataStore(document, self._compile)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -5298,6 +5298,17 @@ class MetadataServer:
         self.settings = document.get("mds") or {}
         log.info("reloaded %s", self.config_path)
         return True
+
+    def _compile(self, document):
+        """The flavor's compile; any failure is the ConfigError it really is, so a bad document
+        never costs the last good tree (or the thread that watches the file)."""
+        try:
+            return self.flavor.compile(document)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise ConfigError("the document cannot be served: %s: %s"
+                              % (type(exc).__name__, exc)) from None
 
     def _prepare(self, document):
         """Apply the command line's identity (project, primary account) to a loaded document."""

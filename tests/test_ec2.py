@@ -859,3 +859,23 @@ def test_command_line_ec2_server(tmp_path):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.mark.parametrize("bad_settings", [
+    {"ecs": "not-an-object"},
+    {"events": {"spot": {"notice": "2m"}}},
+    {"clients": {"127.0.0.2": {"role": "object-instead-of-a-name"}}},
+])
+def test_a_bad_ec2_reload_keeps_the_last_good_tree_and_the_watcher(ec2, tmp_path, caplog,
+                                                                   bad_settings):
+    config = tmp_path / "ec2.json"
+    config.write_text(json.dumps({"ec2": {"meta-data": {"instance-type": "m5.large"}}}))
+    server = ec2(config=str(config))
+    with caplog.at_level("ERROR", logger="mds"):
+        config.write_text(json.dumps({"ec2": {}, "mds": {"ec2": bad_settings}}))
+        assert server.reload() is False
+    assert any("reload failed" in r.getMessage() for r in caplog.records)
+    assert text(server, "/latest/meta-data/instance-type") == "m5.large"
+    # The file watcher is still alive: the next good edit is served.
+    config.write_text(json.dumps({"ec2": {"meta-data": {"instance-type": "c7g.xlarge"}}}))
+    assert _wait_for(lambda: text(server, "/latest/meta-data/instance-type") == "c7g.xlarge")
