@@ -2076,7 +2076,8 @@ class TokenCache:
         token = self._tokens.get(key)
         now = self.clock()
         if token is not None and token.expiry - now >= self.margin:
-            if token.expiry - now < self.refresh_ahead and key not in self._staged:
+            if token.expiry - now < self.refresh_ahead and key not in self._staged and \
+                    self._may_try(key, now):
                 self._refresh_in_background(key, mint)
             return token
         with self._lock(key):
@@ -2088,25 +2089,35 @@ class TokenCache:
             if staged is not None and staged.expiry - now >= self.margin:
                 self._tokens[key] = staged
                 return staged
-            failure = self._failures.get(key)
-            if failure is not None and now < failure[0]:
-                return self._fallback(token, now, failure[2])
+            if not self._may_try(key, now):
+                return self._fallback(token, now, self._failures[key][2])
             try:
                 fresh = mint()
             except CredentialError as exc:
-                tries = failure[1] + 1 if failure else 1
-                # Back off (1 s, 2 s, 4 s ... 30 s) so a dead upstream is not hammered.
-                self._failures[key] = (now + min(30, 2 ** (tries - 1)), tries, exc)
+                self._record_failure(key, now, exc)
                 return self._fallback(token, now, exc)
             self._failures.pop(key, None)
             self._tokens[key] = fresh
             return fresh
 
+    def _may_try(self, key, now):
+        failure = self._failures.get(key)
+        return failure is None or now >= failure[0]
+
+    def _record_failure(self, key, now, exc):
+        # Back off (1 s, 2 s, 4 s ... 30 s) so a dead upstream is not hammered, whether the
+        # failed mint was a request's or a background refresh's.
+        failure = self._failures.get(key)
+        tries = failure[1] + 1 if failure else 1
+        self._failures[key] = (now + min(30, 2 ** (tries - 1)), tries, exc)
+
     def _fallback(self, token, now, exc):
         # A cached token that still works beats an error while the upstream recovers.
         if token is not None and token.expiry - now > 60:
             return token
-        raise exc
+        # A fresh exception each time: re-raising the stored one would grow its traceback
+        # with every waiting request.
+        raise CredentialError(str(exc), exc.status)
 
     def _refresh_in_background(self, key, mint):
         with self._guard:
@@ -2119,7 +2130,9 @@ class TokenCache:
                 fresh = mint()
                 with self._lock(key):
                     self._staged[key] = fresh
+                    self._failures.pop(key, None)
             except CredentialError as exc:
+                self._record_failure(key, self.clock(), exc)
                 log.warning("background token refresh failed (will retry): %s", exc)
             finally:
                 with self._guard:

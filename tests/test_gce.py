@@ -908,6 +908,28 @@ def test_cache_refreshes_an_expiring_entry_once_under_concurrency():
     assert set(results) == {"token-2"}
 
 
+
+def test_a_failing_background_refresh_backs_off_like_a_failing_mint():
+    clock = FakeClock()
+    cache = mds.TokenCache(clock=clock)
+    mint = CountingMint(clock)
+    first = cache.get("key", mint)
+    calls = []
+
+    def failing_mint():
+        calls.append(clock())
+        raise mds.CredentialError("upstream down", 502)
+
+    clock.now = first.expiry - 500            # inside the refresh-ahead window
+    for _ in range(20):
+        assert cache.get("key", failing_mint).value == first.value
+        settle_background_refreshes()
+    assert len(calls) == 1, "every request started another refresh of a failing upstream"
+    clock.now += 1.5                          # past the first back-off
+    assert cache.get("key", failing_mint).value == first.value
+    settle_background_refreshes()
+    assert len(calls) == 2
+
 def test_fifty_concurrent_cold_token_requests_mint_exactly_once(server):
     source = primary_source(server)
     original = source.access_token
