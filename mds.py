@@ -2335,6 +2335,29 @@ def _status_for_upstream(status):
     return 502
 
 
+class _UpstreamFailure(Exception):
+    """One failed attempt at an upstream call: what to say, and whether a retry may help."""
+
+    def __init__(self, cause, transient, status):
+        super().__init__(cause)
+        self.cause, self.transient, self.status = cause, transient, status
+
+
+def _with_retries(what, retry_delays, attempt):
+    """`attempt()` until it returns; a transient _UpstreamFailure is retried after each delay
+    in `retry_delays` (with jitter), and the last failure becomes a CredentialError."""
+    for delay in tuple(retry_delays) + (None,):
+        try:
+            return attempt()
+        except _UpstreamFailure as failure:
+            if not failure.transient or delay is None:
+                raise CredentialError("%s failed (%s)" % (what, failure.cause),
+                                      status=failure.status) from None
+            delay *= 0.75 + random.random() / 2
+            CREDS_LOG.warning("%s failed (%s); retrying in %.2fs", what, failure.cause, delay)
+            time.sleep(delay)
+
+
 def post_upstream(url, what, data, headers, describe_error, status_for, timeout=10.0,
                   retry_delays=(), context=None):
     """POST `data` to an upstream credential endpoint (Google, STS) and return the body.
@@ -2346,34 +2369,25 @@ def post_upstream(url, what, data, headers, describe_error, status_for, timeout=
     `describe_error(status, body)` words an HTTP error; `status_for(status)` is what the
     metadata endpoint answers for it.
     """
-    endpoint = _url_host(url)
-    attempts = len(retry_delays) + 1
-    for attempt in range(attempts):
+    def attempt():
         try:
             request = urllib.request.Request(url, data=data, headers=headers, method="POST")
             with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
                 return response.read()
         except urllib.error.HTTPError as exc:
             body = exc.read() if exc.fp is not None else b""
-            cause = _redact(describe_error(exc.code, body))
-            transient = exc.code in _TRANSIENT_STATUSES
-            status = status_for(exc.code)
+            raise _UpstreamFailure(_redact(describe_error(exc.code, body)),
+                                   exc.code in _TRANSIENT_STATUSES, status_for(exc.code))
         except OSError as exc:                 # URLError, timeouts, refused and reset connections
-            cause = "network error, unreachable: %s" % _redact(getattr(exc, "reason", None)
-                                                                or exc)
-            transient, status = True, 502
+            raise _UpstreamFailure("network error, unreachable: %s"
+                                   % _redact(getattr(exc, "reason", None) or exc), True, 502)
         except http.client.HTTPException as exc:
-            cause = "network error: %s" % type(exc).__name__
-            transient, status = True, 502
+            raise _UpstreamFailure("network error: %s" % type(exc).__name__, True, 502)
         except ValueError:
-            raise CredentialError("%s: %s is not a usable URL" % (what, endpoint),
+            raise CredentialError("%s: %s is not a usable URL" % (what, _url_host(url)),
                                   status=500) from None
-        if not transient or attempt == attempts - 1:
-            raise CredentialError("%s: %s failed (%s)" % (what, endpoint, cause), status=status)
-        delay = retry_delays[attempt] * (0.75 + random.random() / 2)
-        CREDS_LOG.warning("%s: %s failed (%s); retrying in %.2fs", what, endpoint, cause, delay)
-        time.sleep(delay)
-    raise AssertionError("unreachable")
+
+    return _with_retries("%s: %s" % (what, _url_host(url)), retry_delays, attempt)
 
 
 def google_post(url, what, form=None, json_body=None, bearer=None, timeout=10.0,
@@ -2592,6 +2606,7 @@ class GoogleAuthTransport:
     def __call__(self, url, method="GET", body=None, headers=None, timeout=None, **kwargs):
         import google.auth.exceptions
 
+        self.last_error_status, self.last_error_body = None, b""   # this call's answer only
         if isinstance(body, str):
             body = body.encode("utf-8")
         request = urllib.request.Request(url, data=body, headers=dict(headers or {}),
@@ -2617,35 +2632,30 @@ def _run_google_auth(action, what, timeout, retry_delays):
     turning google-auth's exceptions into CredentialError without quoting secrets."""
     import google.auth.exceptions
 
-    attempts = len(retry_delays) + 1
-    for attempt in range(attempts):
+    def attempt():
         transport = GoogleAuthTransport(timeout)
         try:
             return action(transport)
         except CredentialError:
             raise
         except google.auth.exceptions.GoogleAuthError as exc:
+            # Only the message: google-auth puts the whole response body in args[1], and that
+            # body can hold a token even when it was refused.
+            message = _redact(exc.args[0] if exc.args else type(exc).__name__)
             if transport.last_error_status is not None:
                 # Google answered with an error status: its JSON body names the cause.
-                cause = _describe_upstream_error(transport.last_error_status,
-                                                 transport.last_error_body)
-                transient = transport.last_error_status in _TRANSIENT_STATUSES
-                status = _status_for_upstream(transport.last_error_status)
-            elif isinstance(exc, google.auth.exceptions.TransportError):
-                cause = _redact(exc)
-                transient = True
-                status = 502
-            else:
-                # Refused before any HTTP answer: configuration (unreadable subject-token
-                # file, executables not allowed, ...). Retrying cannot help.
-                raise CredentialError("%s failed: %s" % (what, _redact(exc)),
-                                      status=502) from None
-        if not transient or attempt == attempts - 1:
-            raise CredentialError("%s failed (%s)" % (what, cause), status=status)
-        delay = retry_delays[attempt] * (0.75 + random.random() / 2)
-        CREDS_LOG.warning("%s failed (%s); retrying in %.2fs", what, cause, delay)
-        time.sleep(delay)
-    raise AssertionError("unreachable")
+                raise _UpstreamFailure(
+                    _describe_upstream_error(transport.last_error_status,
+                                             transport.last_error_body),
+                    transport.last_error_status in _TRANSIENT_STATUSES,
+                    _status_for_upstream(transport.last_error_status))
+            if isinstance(exc, google.auth.exceptions.TransportError):
+                raise _UpstreamFailure(message, True, 502)
+            # Refused before any HTTP answer: configuration (unreadable subject-token file,
+            # executables not allowed, ...). Retrying cannot help.
+            raise CredentialError("%s failed: %s" % (what, message), status=502) from None
+
+    return _with_retries(what, retry_delays, attempt)
 
 
 def _datetime_to_epoch(moment):

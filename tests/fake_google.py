@@ -91,6 +91,9 @@ class GrantRejected(Exception):
         self.body = body
 
 
+UNPARSEABLE_200_TOKEN = "plain-secret-7f3a"
+
+
 def oauth_error(description, error="invalid_grant", status=400):
     return GrantRejected(status, {"error": error, "error_description": description})
 
@@ -190,7 +193,8 @@ class FakeGoogle:
 
     def fail_next(self, count, mode=500, endpoint=None):
         """Fail the next `count` calls (to `endpoint`, or any) with an HTTP status (500, 503,
-        401, 403, or "invalid_grant" for Google's 400) or "close" (drop the connection)."""
+        401, 403, or "invalid_grant" for Google's 400), "close" (drop the connection) or
+        "unparseable-200" (a token google-auth cannot use)."""
         with self._lock:
             self._failures.append([endpoint, count, mode])
 
@@ -469,6 +473,12 @@ class _FakeGoogleHandler(http.server.BaseHTTPRequestHandler):
                 self.connection.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+            return True
+        if mode == "unparseable-200":
+            # A 200 that google-auth cannot use (a token beside a bad expiry): google-auth's
+            # RefreshError then carries this whole body. The token is short and plain so that
+            # only quoting discipline, not pattern redaction, can keep it out of messages.
+            self._answer(200, {"accessToken": UNPARSEABLE_200_TOKEN, "expireTime": "soon"})
             return True
         if mode == "invalid_grant":
             self._answer(400, {"error": "invalid_grant",

@@ -388,6 +388,20 @@ def test_impersonation_access_token_via_iam(fake, user_credentials):
     assert fake.count("iam:generateAccessToken") == 2
 
 
+
+def test_an_unusable_google_answer_is_reported_without_its_body(fake, user_credentials, caplog):
+    from fake_google import UNPARSEABLE_200_TOKEN
+
+    target = fake.add_service_account()
+    source = mds.ImpersonatedSource(target.email, source_credentials=user_credentials,
+                                    iam_endpoint_override=fake.url, retry_delays=FAST_RETRIES)
+    fake.fail_next(1, mode="unparseable-200", endpoint="iam:generateAccessToken")
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(mds.CredentialError) as caught:
+            source.access_token((STORAGE_READ,))
+    assert UNPARSEABLE_200_TOKEN not in str(caught.value)
+    assert all(UNPARSEABLE_200_TOKEN not in record.getMessage() for record in caplog.records)
+
 def test_impersonation_uses_application_default_credentials(fake, tmp_path, monkeypatch):
     # ADC here is a service-account key (google-auth honours its token_uri); the target is
     # another account that this one may impersonate.
