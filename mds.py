@@ -2160,17 +2160,23 @@ class OfflineSource:
         return Token(value, time.time() + self.lifetime)
 
     def id_token(self, audience, fmt="standard", compute_claims=None):
-        now = int(time.time())
-        claims = {"aud": audience, "azp": self.unique_id, "email": self.email,
-                  "email_verified": True, "exp": now + self.lifetime, "iat": now,
-                  "iss": "https://accounts.google.com", "sub": self.unique_id}
-        if compute_claims is not None:
-            claims["google"] = {"compute_engine": compute_claims}
-        signer = self.signing_key.get()
-        return Token(jwt_encode(claims, signer), now + self.lifetime)
+        return google_id_token(self.signing_key.get(), self.email, self.unique_id, audience,
+                               self.lifetime, compute_claims)
 
     def describe(self):
         return "offline (locally minted tokens for %s; Google will reject them)" % self.email
+
+
+def google_id_token(signer, email_address, unique_id, audience, lifetime, compute_claims=None):
+    """An identity token shaped like the metadata server's (spec 10.2), signed by `signer`:
+    the offline key, or a service account's own key for self-signed tokens."""
+    now = int(time.time())
+    claims = {"aud": audience, "azp": unique_id, "email": email_address, "email_verified": True,
+              "exp": now + lifetime, "iat": now, "iss": GOOGLE_ID_TOKEN_ISSUER,
+              "sub": unique_id}
+    if compute_claims is not None:
+        claims["google"] = {"compute_engine": compute_claims}
+    return Token(jwt_encode(claims, signer), float(claims["exp"]))
 
 
 class SignerWithKeyId:
@@ -2465,7 +2471,6 @@ class KeyFileSource:
                                   % (token_mode,), status=500)
         info, path = _load_json_config(key_info, "service-account key file")
         origin = path or "service-account key"
-        self.key_file = path
         key_type = info.get("type")
         if signer is None and key_type != "service_account":
             raise CredentialError(
@@ -2562,13 +2567,8 @@ class KeyFileSource:
         return Token(value, _jwt_expiry(value, now + 3600))
 
     def _self_signed_id_token(self, audience, fmt, compute_claims):
-        now = int(time.time())
-        claims = {"iss": GOOGLE_ID_TOKEN_ISSUER, "aud": audience, "azp": self.unique_id,
-                  "sub": self.unique_id, "email": self.email, "email_verified": True,
-                  "iat": now, "exp": now + SELF_SIGNED_LIFETIME}
-        if fmt == "full" and compute_claims is not None:
-            claims["google"] = {"compute_engine": compute_claims}
-        return Token(jwt_encode(claims, self.signer), float(claims["exp"]))
+        return google_id_token(self.signer, self.email, self.unique_id, audience,
+                               SELF_SIGNED_LIFETIME, compute_claims if fmt == "full" else None)
 
 
 def _import_google_auth(feature):
@@ -2825,7 +2825,6 @@ class FederatedSource:
         elif iam_endpoint_override and info.get("service_account_impersonation_url"):
             info["service_account_impersonation_url"] = _iam_account_url(
                 iam_endpoint_override, self._impersonated_email(info), "generateAccessToken")
-        self.config_file = path
         self.email = self._impersonated_email(info)
         self.project_id = None
         self.audience = info.get("audience")
@@ -3012,7 +3011,10 @@ def build_credential_source(spec, signer=None, account_email=None):
     if kind == "federate":
         if not spec.get("config"):
             raise CredentialError("federate credentials need \"config\"", status=500)
-        return FederatedSource(spec["config"], impersonate_email=spec.get("impersonate"),
+        impersonate = spec.get("impersonate")
+        if impersonate is True:              # `--federate --impersonate`: the config's account
+            impersonate = account_email
+        return FederatedSource(spec["config"], impersonate_email=impersonate,
                                iam_endpoint_override=spec.get("iam_endpoint"), **retry)
     if kind == "static":
         return StaticSource(access_token=spec.get("access_token"),
@@ -3040,7 +3042,7 @@ def credentials_spec_from_cli(service_account_file=None, token_mode=None, impers
     elif token_mode and token_mode != "oauth":
         raise CredentialError("--token-mode %s needs --service-account-file" % token_mode,
                               status=500)
-    if impersonate:
+    if impersonate and not federate:
         spec = {"type": "impersonate"}
         if isinstance(impersonate, str):
             spec["target"] = impersonate
@@ -3051,7 +3053,10 @@ def credentials_spec_from_cli(service_account_file=None, token_mode=None, impers
             raise CredentialError("--federate needs GOOGLE_APPLICATION_CREDENTIALS naming an "
                                   "external-account configuration (gcloud iam "
                                   "workload-identity-pools create-cred-config)", status=500)
-        chosen.append({"type": "federate", "config": config})
+        spec = {"type": "federate", "config": config}
+        if impersonate:                        # federation, then impersonation (issue 3)
+            spec["impersonate"] = impersonate
+        chosen.append(spec)
     if access_token or id_token:
         chosen.append({"type": "static", "access_token": access_token, "id_token": id_token})
     if len(chosen) > 1:
@@ -5346,13 +5351,15 @@ class MetadataServer:
         if spec.get("type") != "key-file" or not spec.get("path"):
             return
         try:
-            source = build_credential_source(spec, signer=self.signer)
+            info, _ = _load_json_config(spec["path"], "service-account key file")
         except CredentialError as exc:
             raise ConfigError("--service-account-file: %s" % exc)
-        if getattr(source, "email", None):
-            self.identity.setdefault("key_file_email", source.email)
-        if getattr(source, "project_id", None):
-            self.identity.setdefault("key_file_project_id", source.project_id)
+        # Only the names are read here; the key itself is parsed (once) when the account's
+        # source is built, which fails startup just as clearly if the key is unusable.
+        if info.get("client_email"):
+            self.identity.setdefault("key_file_email", info["client_email"])
+        if info.get("project_id"):
+            self.identity.setdefault("key_file_project_id", info["project_id"])
 
     def request_reload(self):
         """Ask the watcher thread to reload now (safe to call from a signal handler)."""
@@ -5574,8 +5581,6 @@ def credentials_from_args(args, environ=None):
             access_token=args.access_token, id_token=args.id_token, environ=environ)
     except CredentialError as exc:
         raise ConfigError(str(exc))
-    if spec and spec.get("type") == "federate" and args.impersonate:
-        spec["impersonate"] = args.impersonate
     return spec, signer, identity
 
 

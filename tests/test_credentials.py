@@ -622,6 +622,25 @@ def test_cli_flags_and_go_emulator_variables_become_specs(tmp_path):
         assert "--" in str(caught.value) or "choose one" in str(caught.value)
 
 
+
+def test_federate_with_impersonate_impersonates_the_configs_account(fake, tmp_path,
+                                                                      mds_server_factory):
+    # `--federate --impersonate` is one source (issue 3), not two rival ones.
+    target = fake.add_service_account()
+    config, _ = fake.write_external_account_file(tmp_path)      # the file impersonates nobody
+    args = mds.build_parser().parse_args(["--federate", "--impersonate"])
+    spec, signer, identity = mds.credentials_from_args(
+        args, {"GOOGLE_APPLICATION_CREDENTIALS": config})
+    assert spec == {"type": "federate", "config": config, "impersonate": True}
+    spec["iam_endpoint"] = fake.url          # the fake plays the IAM Credentials API
+    document = {"computeMetadata": {"v1": {"instance": {"serviceAccounts": {
+        "default": {"aliases": ["default"], "email": target.email, "scopes": [PUBSUB]}}}}}}
+    server = mds_server_factory(config=document, credentials=spec)
+    status, body = metadata_get(server, "instance/service-accounts/default/token")
+    assert status == 200, body
+    issued = fake.issued_tokens[json.loads(body)["access_token"]]
+    assert issued["principal"] == target.email
+
 def test_impersonate_spec_without_target_uses_the_account(fake, tmp_path, monkeypatch):
     adc_key, _ = fake.write_key_file(tmp_path)
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", adc_key)
