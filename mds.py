@@ -3074,8 +3074,6 @@ TPM_EXTRA_HINT = ('TPM support needs the tpm extra: pip install "mds[tpm]" '
 # Handles of TCG-defined hierarchies as written in a TSS2 PRIVATE KEY's `parent` field.
 _TPM_RH_OWNER = 0x40000001
 _TPM_RH_ENDORSEMENT = 0x4000000B
-_TSS2_PEM_RE = re.compile(
-    rb"-----BEGIN TSS2 PRIVATE KEY-----(.*?)-----END TSS2 PRIVATE KEY-----", re.S)
 
 
 class TpmError(CredentialError):
@@ -3084,11 +3082,6 @@ class TpmError(CredentialError):
     Raised at construction (meant for a fast, one-line startup failure) and by sign() when
     the key's policy stops holding; it is a CredentialError so token requests answer 5xx.
     """
-
-    def __init__(self, message, status=502):
-        super().__init__(message, status)
-        self.message = message
-        self.status = status
 
 
 def _import_tpm2_pytss():
@@ -3159,14 +3152,12 @@ def _read_tss2_pem(key_file):
     except OSError as exc:
         raise TpmError("cannot read TPM key file %s: %s" % (key_file, exc.strerror or exc),
                        status=500) from None
-    match = _TSS2_PEM_RE.search(data)
-    if not match:
-        raise TpmError("TPM key file %s is not a 'TSS2 PRIVATE KEY' PEM (as written by "
-                       "tpm2_encodeobject, tpm2-openssl or tpm2-pytss)" % key_file, status=500)
     try:
-        return base64.b64decode(b"".join(match.group(1).split()), validate=True)
-    except ValueError:
-        raise TpmError("TPM key file %s has broken base64" % key_file, status=500) from None
+        return pem_decode(data, "TSS2 PRIVATE KEY")[1]
+    except KeyFormatError as exc:
+        raise TpmError("TPM key file %s is not a 'TSS2 PRIVATE KEY' PEM (as written by "
+                       "tpm2_encodeobject, tpm2-openssl or tpm2-pytss): %s" % (key_file, exc),
+                       status=500) from None
 
 
 _OID_LOADABLE_KEY = "2.23.133.10.1.3"
@@ -3348,9 +3339,7 @@ class TpmSigner:
             return self._ectx
         try:
             self._ectx = self._tpm.ESAPI(self.tcti)
-        except self._tpm.TSS2_Exception as exc:
-            raise TpmError("cannot open the TPM at %s: %s" % (self.tcti, exc)) from None
-        except Exception as exc:  # TCTI library missing, bad config string
+        except Exception as exc:  # TSS errors, a missing TCTI library, a bad config string
             raise TpmError("cannot open the TPM at %s: %s" % (self.tcti, exc)) from None
         return self._ectx
 
@@ -3376,6 +3365,10 @@ class TpmSigner:
                     self._disconnect_locked()
                     continue
                 raise TpmError(self._explain(step)) from None
+            except self._tpm.TSS2_Exception as exc:
+                # A call not wrapped in a named _step (setting auth, reading a name, parsing a
+                # selection): still the TPM's refusal, so a TpmError, never an internal error.
+                raise TpmError("TPM error: %s" % exc) from None
 
     def _recoverable(self, step):
         rc = getattr(step.exc, "rc", None)
