@@ -1188,14 +1188,12 @@ class Ec2Flavor(object):
         self.options = dict(options if options is not None
                             else (getattr(server, "options", None) or {}))
         self.common_headers = [("Accept-Ranges", "none")]
-        self.started_at = time.time()
         self._token_key = secrets.token_bytes(32)
         self._providers = {}
         self._providers_guard = threading.Lock()
         self._identity_credentials = OfflineRoleCredentials("ec2-instance")
         self._identity_cache = {}
         self._identity_guard = threading.Lock()
-        self._certificate = None
         self._error_log = {}
 
     # -- lifecycle (the server calls these when it has such hooks) ---------------------------
@@ -1258,7 +1256,7 @@ class Ec2Flavor(object):
         if not isinstance(settings, dict):
             raise ConfigError('"mds"."ec2" settings must be an object')
         tree = _Ec2Tree()
-        tree.started_at = self.started_at
+        tree.started_at = self.server.started_at
         tree.account_id = str(settings.get("account_id") or DEFAULT_ACCOUNT_ID)
         self._compile_settings(tree, settings)
         meta = section.get("meta-data") or {}
@@ -1574,20 +1572,12 @@ class Ec2Flavor(object):
         with self._identity_guard:
             cached = self._identity_cache.get(cache_key)
             if cached is None:
-                certificate = self.certificate_der(key)
+                certificate = self.server.signing_certificate(key)
                 signature = base64.b64encode(key.sign(tree.identity_document)).decode("ascii")
                 signed = pkcs7_signed_data(tree.identity_document, key, certificate)
                 cached = (_wrap64(signature), _wrap64(base64.b64encode(signed).decode("ascii")))
                 self._identity_cache = {cache_key: cached}
             return cached
-
-    def certificate_der(self, key=None):
-        key = key or self.server.signing_key.get()
-        current = self._certificate
-        if current is None or current[0] is not key:
-            current = self._certificate = (
-                key, x509_self_signed(key, "mds emulated EC2 instance identity"))
-        return current[1]
 
     # -- roles and credentials ----------------------------------------------------------------
 
@@ -1672,15 +1662,7 @@ class Ec2Flavor(object):
                 ("Message", "mds cannot provide credentials for role %s: %s" % (role, error)),
                 ("LastUpdated", format_imds_time(time.time())),
             )))
-        return aws_json(collections.OrderedDict((
-            ("Code", "Success"),
-            ("LastUpdated", format_imds_time(creds["LastUpdated"])),
-            ("Type", "AWS-HMAC"),
-            ("AccessKeyId", creds["AccessKeyId"]),
-            ("SecretAccessKey", creds["SecretAccessKey"]),
-            ("Token", creds["Token"]),
-            ("Expiration", format_imds_time(creds["Expiration"])),
-        )))
+        return _credentials_json(creds)
 
     def _iam_info(self, tree, role):
         spec = tree.roles.get(role) or {}
@@ -1714,7 +1696,7 @@ class Ec2Flavor(object):
                 ("Code", "Success"), ("LastUpdated", format_imds_time(tree.started_at)),
                 ("AccountId", account)))),
             "security-credentials": {"ec2-instance": _Computed(
-                lambda: self._identity_credentials_document(identity))},
+                lambda: _credentials_json(identity.credentials()))},
         }}
         events = tree.events
         spot = events.get("spot")
@@ -1745,13 +1727,6 @@ class Ec2Flavor(object):
                                    lifecycle[2] if now >= lifecycle[0] else lifecycle[1]}
         return root
 
-    def _identity_credentials_document(self, provider):
-        creds = provider.credentials()
-        return aws_json(collections.OrderedDict((
-            ("Code", "Success"), ("LastUpdated", format_imds_time(creds["LastUpdated"])),
-            ("Type", "AWS-HMAC"), ("AccessKeyId", creds["AccessKeyId"]),
-            ("SecretAccessKey", creds["SecretAccessKey"]), ("Token", creds["Token"]),
-            ("Expiration", format_imds_time(creds["Expiration"])))))
 
     # -- IMDSv2 session tokens --------------------------------------------------------------
 
@@ -1760,8 +1735,10 @@ class Ec2Flavor(object):
         # tokens outlive config reloads. 40 bytes -> 56 URL-safe base64 characters like EC2's.
         expiry_ms = int((time.time() + ttl) * 1000)
         payload = b"\x01\x00\x00\x00" + expiry_ms.to_bytes(6, "big") + secrets.token_bytes(6)
-        mac = hmac.new(self._token_key, payload, hashlib.sha256).digest()[:24]
-        return base64.urlsafe_b64encode(payload + mac).decode("ascii")
+        return base64.urlsafe_b64encode(payload + self._token_mac(payload)).decode("ascii")
+
+    def _token_mac(self, payload):
+        return hmac.new(self._token_key, payload, hashlib.sha256).digest()[:24]
 
     def _token_remaining(self, token):
         """Seconds a token has left, or None if it is unknown, forged or expired."""
@@ -1772,8 +1749,7 @@ class Ec2Flavor(object):
         if len(raw) != 40:
             return None
         payload, mac = raw[:16], raw[16:]
-        expected = hmac.new(self._token_key, payload, hashlib.sha256).digest()[:24]
-        if not hmac.compare_digest(mac, expected):
+        if not hmac.compare_digest(mac, self._token_mac(payload)):
             return None
         remaining = int.from_bytes(payload[4:10], "big") / 1000.0 - time.time()
         return remaining if remaining > 0 else None
@@ -1878,7 +1854,7 @@ class Ec2Flavor(object):
             return self._ecs_response(request, tree)
         if path == EC2_CERTIFICATE_PATH and request.method in ("GET", "HEAD"):
             try:
-                certificate = self.certificate_der()
+                certificate = self.server.signing_certificate()
             except CredentialError as error:
                 return Response(error.status, "%s\n" % error, "text/plain; charset=utf-8")
             return Response(200, pem_encode("CERTIFICATE", certificate),
@@ -1936,12 +1912,14 @@ class Ec2Flavor(object):
     def schedule_event(self, kind, delay=0.0, **fields):
         """Make an event ("spot", "rebalance", "autoscaling", "maintenance") due in `delay` s."""
         spec = dict(fields, at=time.time() + float(delay))
-        if kind == "maintenance":
-            document = self.server.store.document
-            current = (((document.get("mds") or {}).get("ec2") or {}).get("events") or {})
-            existing = current.get("maintenance") or []
-            spec = (existing if isinstance(existing, list) else [existing]) + [spec]
-        self.server.update("mds/ec2/events/" + kind, spec)
+        store = self.server.store
+        with store.changed:      # read and write as one step, or a concurrent edit is lost
+            if kind == "maintenance":
+                document = store.document
+                current = (((document.get("mds") or {}).get("ec2") or {}).get("events") or {})
+                existing = current.get("maintenance") or []
+                spec = (existing if isinstance(existing, list) else [existing]) + [spec]
+            self.server.update("mds/ec2/events/" + kind, spec)
 
     def startup_lines(self):
         """Lines for the startup log (no secrets)."""
@@ -1969,6 +1947,20 @@ class Ec2Flavor(object):
                 at = value[0] if isinstance(value, tuple) else value
                 lines.append("event %s at %s" % (kind, format_imds_time(at)))
         return lines
+
+
+def _credentials_json(creds):
+    """The credentials document as IMDS serves it, field order and time format included
+    (spec section 4: Go needs Code, botocore and JS need Token, all parse Expiration)."""
+    return aws_json(collections.OrderedDict((
+        ("Code", "Success"),
+        ("LastUpdated", format_imds_time(creds["LastUpdated"])),
+        ("Type", "AWS-HMAC"),
+        ("AccessKeyId", creds["AccessKeyId"]),
+        ("SecretAccessKey", creds["SecretAccessKey"]),
+        ("Token", creds["Token"]),
+        ("Expiration", format_imds_time(creds["Expiration"])),
+    )))
 
 
 def _wrap64(text):
@@ -5191,7 +5183,7 @@ class MetadataServer:
         self.identity = dict(identity or {})    # project / account overrides from the CLI
         self.config_path = None
         self.poll_interval = poll_interval
-        self.started_at = int(time.time())
+        self.started_at = time.time()
         self.stopping = False
         self.tokens = TokenCache()
         self.signing_key = SigningKey(signing_key)
@@ -5204,6 +5196,8 @@ class MetadataServer:
         self._config_stamp = None
         self._date_cache = (0, "")
         self._common_lines = None
+        self._certificate = None
+        self._certificate_guard = threading.Lock()
         self.flavor = FLAVORS[flavor](self)
         if isinstance(config, dict):
             document = config
@@ -5453,11 +5447,14 @@ class MetadataServer:
         return Response(200, json.dumps(payload, indent=2), "application/json; charset=UTF-8",
                         [("Cache-Control", "public, max-age=3600")])
 
-    def signing_certificate(self, key):
-        cert = getattr(self, "_certificate", None)
-        if cert is None or cert[0] is not key:
-            cert = self._certificate = (key, x509_self_signed(key, "mds identity token signer"))
-        return cert[1]
+    def signing_certificate(self, key=None):
+        """The self-signed certificate of the server's signing key, made once (its serial is
+        random, so two concurrent first requests must not publish different ones)."""
+        key = key or self.signing_key.get()
+        with self._certificate_guard:
+            if self._certificate is None or self._certificate[0] is not key:
+                self._certificate = (key, x509_self_signed(key, "mds metadata server signing key"))
+            return self._certificate[1]
 
 
 # ---- CLI -------------------------------------------------------------------------------------
