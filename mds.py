@@ -4136,12 +4136,7 @@ def der_read(data, offset=0):
 
 def der_items(data):
     """Split concatenated TLVs (e.g. a SEQUENCE's value) into a list of (tag, value)."""
-    items = []
-    offset = 0
-    while offset < len(data):
-        tag, value, offset = der_read(data, offset)
-        items.append((tag, value))
-    return items
+    return [(tag, value) for tag, value, _ in der_items_raw(data)]
 
 
 def der_items_raw(data):
