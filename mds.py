@@ -826,13 +826,16 @@ class GceFlavor:
         if fmt not in ("standard", "full"):
             raise BadRequest("format must be standard or full, not %r" % fmt)
         licenses = fmt == "full" and true_param(request.query.get("licenses"))
-        claims = self.compute_engine_claims(tree, licenses) if fmt == "full" else None
         account = node.account
         source = account.source
+
+        def mint():       # the claims are only needed when a token is actually minted
+            claims = self.compute_engine_claims(tree, licenses) if fmt == "full" else None
+            return source.id_token(audience, fmt, claims)
+
         try:
             token = self.server.tokens.get(
-                ("identity", source, account.email, audience, fmt, licenses),
-                lambda: source.id_token(audience, fmt, claims))
+                ("identity", source, account.email, audience, fmt, licenses), mint)
         except CredentialError as exc:
             return self.credential_failure(exc, account)
         body = token.value.encode()
