@@ -28,9 +28,7 @@ tpm2-pytss (keys held in a TPM).
 
 import argparse
 import base64
-import calendar
 import collections
-import configparser
 import copy
 import datetime
 import email.utils
@@ -49,16 +47,14 @@ import secrets
 import select
 import signal
 import socket
+import socketserver
 import ssl
 import sys
 import threading
 import time
 import types
-import urllib.error
 import urllib.parse
-import urllib.request
 import warnings
-import xml.etree.ElementTree as ElementTree
 
 __version__ = "0.1.0"
 
@@ -183,8 +179,10 @@ class MetadataStore:
         self.generation = 0
 
     def replace(self, document):
-        tree = self._compile(document)
+        # Compiled under the lock, so trees are published in the order they were compiled:
+        # compiling can start and stop resources (EC2 role providers) the tree refers to.
         with self.changed:
+            tree = self._compile(document)
             self.document, self.tree = document, tree
             self.generation += 1
             self.changed.notify_all()
@@ -355,6 +353,12 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
     def __init__(self, address, mds):
         self.mds = mds
         super().__init__(address, _Handler)
+
+    def server_bind(self):
+        # HTTPServer.server_bind looks up the host's FQDN, only for CGI's SERVER_NAME; for a
+        # wildcard bind that is a DNS query, which can stall startup for seconds.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
 
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]
@@ -1362,6 +1366,20 @@ class Ec2Flavor(object):
                               % (name, source))
         if source == "assume-role" and not spec.get("role_arn"):
             raise ConfigError("role %s: assume-role needs role_arn" % name)
+        # Checked here, not when the provider is built, so that a bad value fails the whole
+        # (re)load before any running provider is touched.  STS's own range is 900-43200 s.
+        for field, low, high in (("duration", 900, 43200), ("refresh_margin", 0, 43200),
+                                 ("retry_delay", 0.01, 3600)):
+            value = spec.get(field)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not low <= value <= high:
+                raise ConfigError("role %s: %s must be a number of seconds from %s to %s, "
+                                  "not %r" % (name, field, low, high, value))
+        if spec.get("duration") is not None and spec["duration"] != int(spec["duration"]):
+            raise ConfigError("role %s: duration must be whole seconds, not %r"
+                              % (name, spec["duration"]))
         spec["source"] = source
         return spec
 
@@ -1589,17 +1607,18 @@ class Ec2Flavor(object):
         for name, spec in tree.roles.items():
             wanted[(name, json.dumps(spec, sort_keys=True))] = (name, spec)
         with self._providers_guard:
-            stale = [k for k in self._providers if k not in wanted]
-            for key in stale:
+            # Build every new provider before stopping any old one: if a build fails, the
+            # reload fails and the tree still serving keeps providers that still run.
+            fresh = {key: self._build_provider(name, spec, tree)
+                     for key, (name, spec) in wanted.items() if key not in self._providers}
+            for key in [key for key in self._providers if key not in wanted]:
                 self._providers.pop(key).stop()
-            for key, (name, spec) in wanted.items():
-                if key not in self._providers:
-                    provider = self._build_provider(name, spec, tree)
-                    self._providers[key] = provider
-                    # Providers that fetch upstream start at once, so the first client never
-                    # waits for STS; start() does not block here.
-                    if isinstance(provider, AssumeRoleCredentials):
-                        provider.start(wait=0)
+            for key, provider in fresh.items():
+                self._providers[key] = provider
+                # Providers that fetch upstream start at once, so the first client never
+                # waits for STS; start() does not block here.
+                if isinstance(provider, AssumeRoleCredentials):
+                    provider.start(wait=0)
         tree.providers = {name: self._providers[key] for key, (name, _) in wanted.items()}
 
     def _build_provider(self, name, spec, tree):
@@ -2204,6 +2223,7 @@ class SigningKey:
         self._pem_path = pem_path
         self._started = False
         self._guard = threading.Lock()
+        self._needed = threading.Event()
         if pem_path:
             try:
                 with open(pem_path, "r", encoding="utf-8") as handle:
@@ -2212,14 +2232,20 @@ class SigningKey:
                 raise ConfigError("--signing-key %s: %s" % (pem_path, exc))
             self._ready.set()
 
-    def start(self):
+    def start(self, delay=0.0):
+        """Start generating; with a delay, only after `delay` seconds or at the first get().
+
+        Prime generation is a few hundred ms of pure-Python CPU, and each big pow() holds
+        the GIL for milliseconds: run at once, it slows the first requests a client makes."""
         with self._guard:
             if self._started or self._ready.is_set():
                 return
             self._started = True
-        threading.Thread(target=self._generate, name="mds-keygen", daemon=True).start()
+        threading.Thread(target=self._generate, args=(delay,), name="mds-keygen",
+                         daemon=True).start()
 
-    def _generate(self):
+    def _generate(self, delay):
+        self._needed.wait(delay)
         try:
             self._key = RsaKey.generate(2048)
             log.debug("identity-token signing key ready: %s", self._key.fingerprint())
@@ -2230,6 +2256,7 @@ class SigningKey:
             self._ready.set()
 
     def get(self, timeout=60):
+        self._needed.set()
         self.start()
         if not self._ready.wait(timeout):
             raise CredentialError("the signing key is still being generated", 503)
@@ -2344,36 +2371,68 @@ class _UpstreamFailure(Exception):
         self.cause, self.transient, self.status = cause, transient, status
 
 
-def _with_retries(what, retry_delays, attempt):
+MINT_BUDGET = 10.0     # seconds one token may take upstream, every attempt and retry included
+OUT_OF_TIME = "out of time: the deadline for one token has passed"
+
+
+def mint_deadline(budget):
+    """The time.monotonic() by which one mint gives up.  One deadline spans every attempt,
+    retry and chained call (google-auth's own retries too), so a dead upstream costs a
+    waiting client `budget` seconds and then a 502 naming the cause - not a minute, by which
+    time the client library has timed out and says nothing about why."""
+    return time.monotonic() + budget
+
+
+def _attempt_timeout(timeout, deadline):
+    """`timeout` for one upstream attempt, cut to what is left before `deadline`."""
+    if deadline is None:
+        return timeout
+    left = deadline - time.monotonic()
+    if left <= 0.01:
+        raise _UpstreamFailure(OUT_OF_TIME, False, 502)
+    return min(timeout, left)
+
+
+def _with_retries(what, retry_delays, attempt, deadline=None):
     """`attempt()` until it returns; a transient _UpstreamFailure is retried after each delay
-    in `retry_delays` (with jitter), and the last failure becomes a CredentialError."""
+    in `retry_delays` (with jitter) while `deadline` allows, and the last failure becomes a
+    CredentialError."""
     for delay in tuple(retry_delays) + (None,):
         try:
             return attempt()
         except _UpstreamFailure as failure:
-            if not failure.transient or delay is None:
-                raise CredentialError("%s failed (%s)" % (what, failure.cause),
-                                      status=failure.status) from None
-            delay *= 0.75 + random.random() / 2
+            if delay is not None:
+                delay *= 0.75 + random.random() / 2
+            late = (delay is not None and deadline is not None
+                    and time.monotonic() + delay >= deadline)
+            if not failure.transient or delay is None or late:
+                raise CredentialError("%s failed (%s)%s" % (
+                    what, failure.cause, "; no time left to retry" if late else ""),
+                    status=failure.status) from None
             CREDS_LOG.warning("%s failed (%s); retrying in %.2fs", what, failure.cause, delay)
             time.sleep(delay)
 
 
 def post_upstream(url, what, data, headers, describe_error, status_for, timeout=10.0,
-                  retry_delays=(), context=None):
+                  retry_delays=(), context=None, deadline=None):
     """POST `data` to an upstream credential endpoint (Google, STS) and return the body.
 
     Transient failures (connection errors, timeouts, 408/429/5xx) are retried after each delay
-    in `retry_delays` (short and bounded: a metadata client may be waiting).  Every failure
+    in `retry_delays` (short and bounded: a metadata client may be waiting), all before
+    `deadline` (a time.monotonic(), see mint_deadline) when one is given.  Every failure
     ends as a CredentialError naming `what`, the endpoint and the upstream's own error, all
     redacted; never the request, which carries an assertion, a bearer token or a signature.
     `describe_error(status, body)` words an HTTP error; `status_for(status)` is what the
     metadata endpoint answers for it.
     """
+    import urllib.error     # here, not at the top: only upstream sources need them, and
+    import urllib.request   # every millisecond of startup counts
+
     def attempt():
+        wait = _attempt_timeout(timeout, deadline)
         try:
             request = urllib.request.Request(url, data=data, headers=headers, method="POST")
-            with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
+            with urllib.request.urlopen(request, timeout=wait, context=context) as response:
                 return response.read()
         except urllib.error.HTTPError as exc:
             body = exc.read() if exc.fp is not None else b""
@@ -2388,11 +2447,11 @@ def post_upstream(url, what, data, headers, describe_error, status_for, timeout=
             raise CredentialError("%s: %s is not a usable URL" % (what, _url_host(url)),
                                   status=500) from None
 
-    return _with_retries("%s: %s" % (what, _url_host(url)), retry_delays, attempt)
+    return _with_retries("%s: %s" % (what, _url_host(url)), retry_delays, attempt, deadline)
 
 
 def google_post(url, what, form=None, json_body=None, bearer=None, timeout=10.0,
-                retry_delays=(0.25, 1.0)):
+                retry_delays=(0.25, 1.0), deadline=None):
     """POST to a Google endpoint and return the decoded JSON answer (see post_upstream)."""
     if form is not None:
         data = urllib.parse.urlencode(form).encode("ascii")
@@ -2405,7 +2464,7 @@ def google_post(url, what, form=None, json_body=None, bearer=None, timeout=10.0,
     if bearer:
         headers["Authorization"] = "Bearer " + bearer
     body = post_upstream(url, what, data, headers, _describe_upstream_error,
-                         _status_for_upstream, timeout, retry_delays)
+                         _status_for_upstream, timeout, retry_delays, deadline=deadline)
     endpoint = _url_host(url)
     try:
         answer = json.loads(body.decode("utf-8"))
@@ -2460,7 +2519,7 @@ class KeyFileSource:
     TOKEN_MODES = ("oauth", "self-signed")
 
     def __init__(self, key_info, token_mode="oauth", signer=None, self_signed_audience=None,
-                 timeout=10.0, retry_delays=(0.25, 1.0)):
+                 timeout=10.0, retry_delays=(0.25, 1.0), budget=MINT_BUDGET):
         if token_mode not in self.TOKEN_MODES:
             raise CredentialError("unknown token mode %r (expected oauth or self-signed)"
                                   % (token_mode,), status=500)
@@ -2483,6 +2542,7 @@ class KeyFileSource:
         self.self_signed_audience = self_signed_audience
         self.timeout = timeout
         self.retry_delays = tuple(retry_delays)
+        self.budget = budget
         if signer is None:
             pem = info.get("private_key")
             if not isinstance(pem, str) or not pem.strip():
@@ -2514,7 +2574,7 @@ class KeyFileSource:
     def _grant(self, extra_claims, what):
         form = {"grant_type": JWT_BEARER_GRANT, "assertion": self._assertion(extra_claims)}
         return google_post(self.token_uri, what, form=form, timeout=self.timeout,
-                           retry_delays=self.retry_delays)
+                           retry_delays=self.retry_delays, deadline=mint_deadline(self.budget))
 
     def access_token(self, scopes=()):
         now = time.time()
@@ -2593,20 +2653,26 @@ class GoogleAuthTransport:
     `requests`. It also remembers the last refused answer, because google-auth's exceptions
     carry the body but not the status we need to choose 403 vs 502."""
 
-    def __init__(self, timeout=10.0):
+    def __init__(self, timeout=10.0, deadline=None):
         self.timeout = timeout
+        self.deadline = deadline
         self.last_error_status = None
         self.last_error_body = b""
 
     def __call__(self, url, method="GET", body=None, headers=None, timeout=None, **kwargs):
         import google.auth.exceptions
+        import urllib.error
+        import urllib.request
 
         self.last_error_status, self.last_error_body = None, b""   # this call's answer only
         if isinstance(body, str):
             body = body.encode("utf-8")
         request = urllib.request.Request(url, data=body, headers=dict(headers or {}),
                                          method=method)
-        wait = min(timeout or self.timeout, self.timeout)
+        if self.deadline is not None and self.deadline - time.monotonic() <= 0.01:
+            # google-auth retries some failures itself; none may outlast the mint's deadline.
+            raise google.auth.exceptions.TransportError(OUT_OF_TIME)
+        wait = _attempt_timeout(min(timeout or self.timeout, self.timeout), self.deadline)
         try:
             with urllib.request.urlopen(request, timeout=wait) as response:
                 return _GoogleAuthResponse(response.status, dict(response.headers.items()),
@@ -2622,13 +2688,13 @@ class GoogleAuthTransport:
                 _url_host(url), _redact(getattr(exc, "reason", exc))))
 
 
-def _run_google_auth(action, what, timeout, retry_delays):
+def _run_google_auth(action, what, timeout, retry_delays, deadline=None):
     """Run `action(transport)` (a google-auth refresh), retrying transient failures and
     turning google-auth's exceptions into CredentialError without quoting secrets."""
     import google.auth.exceptions
 
     def attempt():
-        transport = GoogleAuthTransport(timeout)
+        transport = GoogleAuthTransport(timeout, deadline)
         try:
             return action(transport)
         except CredentialError:
@@ -2650,16 +2716,16 @@ def _run_google_auth(action, what, timeout, retry_delays):
             # executables not allowed, ...). Retrying cannot help.
             raise CredentialError("%s failed: %s" % (what, message), status=502) from None
 
-    return _with_retries(what, retry_delays, attempt)
+    return _with_retries(what, retry_delays, attempt, deadline)
 
 
 def _datetime_to_epoch(moment):
     """google-auth expiries are naive UTC datetimes."""
     if moment is None:
         return time.time() + 3600
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(datetime.timezone.utc).replace(tzinfo=None)
-    return float(calendar.timegm(moment.timetuple()))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return float(int(moment.timestamp()))
 
 
 def _iam_account_url(iam_base, email, method):
@@ -2673,7 +2739,8 @@ def _iam_delegates(delegates):
             for d in delegates]
 
 
-def _generate_id_token(iam_url, bearer, audience, delegates, what, timeout, retry_delays):
+def _generate_id_token(iam_url, bearer, audience, delegates, what, timeout, retry_delays,
+                       deadline):
     """IAM Credentials generateIdToken: the same call google-auth's IDTokenCredentials makes.
 
     Made directly because IDTokenCredentials hard-codes the https IAM host (it has no
@@ -2686,7 +2753,7 @@ def _generate_id_token(iam_url, bearer, audience, delegates, what, timeout, retr
         body["delegates"] = _iam_delegates(delegates)
     now = time.time()
     answer = google_post(iam_url, what, json_body=body, bearer=bearer, timeout=timeout,
-                         retry_delays=retry_delays)
+                         retry_delays=retry_delays, deadline=deadline)
     value = answer.get("token")
     if not isinstance(value, str) or not value:
         raise CredentialError("%s: %s answered without token" % (what, _url_host(iam_url)),
@@ -2707,7 +2774,7 @@ class ImpersonatedSource:
 
     def __init__(self, target_email, delegates=(), source_credentials=None,
                  iam_endpoint_override=None, source_credentials_file=None, lifetime=3600,
-                 timeout=10.0, retry_delays=(0.25, 1.0)):
+                 timeout=10.0, retry_delays=(0.25, 1.0), budget=MINT_BUDGET):
         google_auth = _import_google_auth("impersonation")
         if not target_email or "@" not in target_email:
             raise CredentialError("impersonation needs a target service-account e-mail",
@@ -2719,6 +2786,7 @@ class ImpersonatedSource:
         self.lifetime = int(lifetime)
         self.timeout = timeout
         self.retry_delays = tuple(retry_delays)
+        self.budget = budget
         # google-auth credentials objects are not thread-safe; the cache single-flights per
         # (account, scopes) but two scope sets may refresh at once.
         self._lock = threading.Lock()
@@ -2770,26 +2838,29 @@ class ImpersonatedSource:
             credentials.refresh(transport)
             return Token(credentials.token, _datetime_to_epoch(credentials.expiry))
 
+        deadline = mint_deadline(self.budget)
         with self._lock:
             return _run_google_auth(refresh, "impersonating %s" % self.email, self.timeout,
-                                    self.retry_delays)
+                                    self.retry_delays, deadline)
 
-    def _source_token(self):
+    def _source_token(self, deadline):
         def refresh(transport):
             if not self._source.valid:
                 self._source.refresh(transport)
             return self._source.token
 
         return _run_google_auth(refresh, "refreshing the source credentials for %s"
-                                % self.email, self.timeout, self.retry_delays)
+                                % self.email, self.timeout, self.retry_delays, deadline)
 
     def id_token(self, audience, fmt="standard", compute_claims=None):
         # IAM-issued id tokens are Google-signed; format=full claims cannot be added.
+        deadline = mint_deadline(self.budget)
         with self._lock:
-            bearer = self._source_token()
+            bearer = self._source_token(deadline)
         return _generate_id_token(
             _iam_account_url(self.iam_base, self.email, "generateIdToken"), bearer, audience,
-            self.delegates, "id token for %s" % self.email, self.timeout, self.retry_delays)
+            self.delegates, "id token for %s" % self.email, self.timeout, self.retry_delays,
+            deadline)
 
 
 class FederatedSource:
@@ -2805,7 +2876,7 @@ class FederatedSource:
     honours_scopes = True
 
     def __init__(self, config, impersonate_email=None, iam_endpoint_override=None,
-                 timeout=10.0, retry_delays=(0.25, 1.0)):
+                 timeout=10.0, retry_delays=(0.25, 1.0), budget=MINT_BUDGET):
         _import_google_auth("workload identity federation")
         info, path = _load_json_config(config, "external-account configuration")
         origin = path or "external-account configuration"
@@ -2825,6 +2896,7 @@ class FederatedSource:
         self.audience = info.get("audience")
         self.timeout = timeout
         self.retry_delays = tuple(retry_delays)
+        self.budget = budget
         self._info = info
         self._lock = threading.Lock()
         self._credentials = self._load(info, origin)
@@ -2877,9 +2949,11 @@ class FederatedSource:
             credentials.refresh(transport)
             return Token(credentials.token, _datetime_to_epoch(credentials.expiry))
 
+        deadline = mint_deadline(self.budget)
         with self._lock:
             return _run_google_auth(refresh, "federated token%s" % (
-                " for %s" % self.email if self.email else ""), self.timeout, self.retry_delays)
+                " for %s" % self.email if self.email else ""), self.timeout, self.retry_delays,
+                deadline)
 
     def id_token(self, audience, fmt="standard", compute_claims=None):
         if not self.email:
@@ -2887,6 +2961,7 @@ class FederatedSource:
                 "identity tokens need a service account to impersonate: a federated "
                 "principal cannot mint them (set service_account_impersonation_url or "
                 "\"impersonate\")", status=403)
+        deadline = mint_deadline(self.budget)
         with self._lock:
             if self._unimpersonated is None:
                 info = dict(self._info)
@@ -2901,11 +2976,11 @@ class FederatedSource:
                 return sts_credentials.token
 
             bearer = _run_google_auth(refresh, "federated token for %s" % self.email,
-                                      self.timeout, self.retry_delays)
+                                      self.timeout, self.retry_delays, deadline)
         iam_url = self._info["service_account_impersonation_url"].replace(
             ":generateAccessToken", ":generateIdToken")
         return _generate_id_token(iam_url, bearer, audience, (), "id token for %s"
-                                  % self.email, self.timeout, self.retry_delays)
+                                  % self.email, self.timeout, self.retry_delays, deadline)
 
 
 class StaticSource:
@@ -3690,6 +3765,7 @@ def _aws_file(environ, variable, default):
 
 
 def _read_ini(path):
+    import configparser   # here, not at the top: only AWS profiles need it, and startup counts
     parser = configparser.RawConfigParser()
     try:
         parser.read(path)
@@ -5041,8 +5117,9 @@ def parse_imds_time(text):
                      text)
     if not match:
         raise ValueError("not an ISO-8601 timestamp: %r" % text)
-    epoch = calendar.timegm(time.strptime(match.group(1) + "T" + match.group(2),
-                                          "%Y-%m-%dT%H:%M:%S"))
+    epoch = int(datetime.datetime.strptime(match.group(1) + "T" + match.group(2),
+                                           "%Y-%m-%dT%H:%M:%S")
+                .replace(tzinfo=datetime.timezone.utc).timestamp())
     zone = match.group(4)
     if zone and zone != "Z":
         sign = 1 if zone[0] == "+" else -1
@@ -5065,6 +5142,7 @@ def _sts_ssl_context(environ):
 
 def _sts_error_text(body):
     """'Code: Message' from an STS XML error body, or a short excerpt if it is not XML."""
+    from xml.etree import ElementTree
     try:
         root = ElementTree.fromstring(body)
     except ElementTree.ParseError:
@@ -5104,6 +5182,7 @@ def sts_call(params, keys, region=None, endpoint=None, timeout=10.0, environ=Non
                             lambda status: 502, timeout, context=context)
     url = _url_host(url)
     action = params.get("Action", "STS")
+    from xml.etree import ElementTree
     try:
         root = ElementTree.fromstring(payload)
     except ElementTree.ParseError:
@@ -5224,7 +5303,7 @@ class MetadataServer:
             self.flavor.start()
         if self.config_path:
             self._spawn(self._watch_config, "mds-config-watch")
-        self.signing_key.start()
+        self.signing_key.start(delay=1.0)   # the startup burst of requests goes first
         return self
 
     def _spawn(self, target, name, *args):

@@ -573,6 +573,28 @@ def test_sts_failure_keeps_serving_valid_cache_then_reports(ec2, sts_env, caplog
     assert _wait_for(lambda: json.loads(_credentials(server, "app-role"))["Code"] == "Success")
 
 
+@pytest.mark.parametrize("bad", [{"duration": "1h"}, {"duration": 60}, {"duration": 1800.5},
+                                 {"refresh_margin": True}, {"retry_delay": -1}])
+def test_a_bad_role_setting_on_reload_leaves_the_running_role_refreshing(ec2, sts_env, tmp_path,
+                                                                         caplog, bad):
+    sts_env.lifetime = 4          # every session lasts 4 s; refreshed when 2 s are left
+    config = tmp_path / "ec2.json"
+    config.write_text(json.dumps(_assume_role_config(sts_env, refresh_margin=2)))
+    server = ec2(config=str(config))
+    assert _wait_for(lambda: sts_env.calls >= 1)
+    with caplog.at_level("ERROR", logger="mds"):
+        config.write_text(json.dumps(_assume_role_config(sts_env, **dict(
+            {"refresh_margin": 2}, **bad))))
+        assert server.reload() is False
+    field = next(iter(bad))
+    assert any("reload failed" in r.getMessage() and field in r.getMessage()
+               for r in caplog.records)
+    # The role still serving is the one whose refresher still runs: more AssumeRole calls come.
+    calls = sts_env.calls
+    assert _wait_for(lambda: sts_env.calls > calls, timeout=15)
+    assert json.loads(_credentials(server, "app-role"))["Code"] == "Success"
+
+
 def test_assume_role_bad_source_key_is_reported(ec2, sts_env, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     server = ec2(config=_assume_role_config(sts_env))

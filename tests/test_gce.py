@@ -1105,6 +1105,14 @@ def test_jwks_and_pem_certs_publish_the_same_key(shared_server):
 # ---- --signing-key --------------------------------------------------------------------------
 
 
+def test_a_deferred_key_is_generated_at_once_when_first_needed():
+    """The server defers key generation past its startup burst; an identity request must not
+    wait out that delay."""
+    key = mds.SigningKey()
+    key.start(delay=3600)
+    assert isinstance(key.get(timeout=60), mds.RsaKey)
+
+
 @pytest.mark.parametrize("pem_format", ["PKCS8", "TraditionalOpenSSL"])
 def test_signing_key_pem_is_honoured(tmp_path, pem_format):
     from cryptography.hazmat.primitives import hashes, serialization

@@ -152,6 +152,21 @@ def test_server_threads_are_daemons(mds_server_factory):
         connection.close()
 
 
+def test_starting_does_no_hostname_lookup(mds_server_factory, monkeypatch):
+    """http.server resolves the bind address to an FQDN, which can be a slow DNS query."""
+    def no_lookups(*args):
+        raise AssertionError("startup looked up a host name: %r" % (args,))
+    monkeypatch.setattr(socket, "getfqdn", no_lookups)
+    monkeypatch.setattr(socket, "gethostbyaddr", no_lookups)
+    server = mds_server_factory()
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        connection.request("GET", V1 + "project/project-id", headers=GOOGLE)
+        assert connection.getresponse().status == 200
+    finally:
+        connection.close()
+
+
 # ---- robustness and quiet logs --------------------------------------------------------------
 
 

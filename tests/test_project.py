@@ -74,6 +74,17 @@ def test_mds_py_imports_only_the_standard_library_at_module_level():
         "%s (line %d)" % (name, lineno) for lineno, name in foreign)
 
 
+def test_importing_mds_skips_modules_only_optional_features_need():
+    """Every module imported at startup is compile and load time before the first answer."""
+    optional = ["configparser", "urllib.request", "xml.etree.ElementTree"]
+    probe = ("import sys; sys.path.insert(0, %r); import mds; "
+             "print(' '.join(sorted(sys.modules)))" % REPO_ROOT)
+    loaded = subprocess.run([sys.executable, "-I", "-S", "-c", probe], check=True,
+                            stdout=subprocess.PIPE, universal_newlines=True).stdout.split()
+    assert "mds" in loaded
+    assert [name for name in optional if name in loaded] == []
+
+
 def _free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
