@@ -1612,7 +1612,7 @@ class Ec2Flavor(object):
             fresh = {key: self._build_provider(name, spec, tree)
                      for key, (name, spec) in wanted.items() if key not in self._providers}
             for key in [key for key in self._providers if key not in wanted]:
-                self._providers.pop(key).stop()
+                self._providers.pop(key).stop(wait=False)
             for key, provider in fresh.items():
                 self._providers[key] = provider
                 # Providers that fetch upstream start at once, so the first client never
@@ -3931,7 +3931,7 @@ class OfflineRoleCredentials(object):
     def start(self):
         pass
 
-    def stop(self):
+    def stop(self, wait=True):
         pass
 
 
@@ -3980,7 +3980,7 @@ class StaticRoleCredentials(object):
     def start(self):
         pass
 
-    def stop(self):
+    def stop(self, wait=True):
         pass
 
 
@@ -4105,10 +4105,12 @@ class AssumeRoleCredentials(object):
         if wait:
             self._first_attempt_done.wait(wait)
 
-    def stop(self):
+    def stop(self, wait=True):
+        """Stop the refresher; with wait=False it ends on its own (within an STS call's
+        timeout) and the caller, which may hold the store lock, does not wait for it."""
         self._stopping.set()
         self._wake.set()
-        if self._thread is not None:
+        if self._thread is not None and wait:
             self._thread.join(5)
             self._thread = None
 

@@ -60,7 +60,7 @@ class FakeSts(object):
     """Fake STS server. `keys` maps access key id -> (secret key, session token or None).
 
     Attributes tests read: `url`, `calls` (successful AssumeRole/GetSessionToken answers),
-    `requests` (dicts: action, params, access_key, accepted, error_code, headers).
+    `started` (requests received, answered or not), `requests` (dicts: action, params, access_key, accepted, error_code, headers).
     Knobs: `fail_next(count, status, code)`, `failing` (status, code) for every call,
     `lifetime` (seconds until the issued credentials expire; default DurationSeconds),
     `delay` (seconds to wait before answering).
@@ -74,6 +74,7 @@ class FakeSts(object):
         self.failing = None
         self.delay = 0.0
         self.calls = 0
+        self.started = 0
         self.requests = []
         self.issued = []
         self._fail_budget = []
@@ -207,6 +208,8 @@ class FakeSts(object):
         return access_key, session_token
 
     def _handle(self, method, path, headers, body):
+        with self._lock:
+            self.started += 1
         if self.delay:
             time.sleep(self.delay)
         params = dict(urllib.parse.parse_qsl(body.decode("utf-8", "replace"),

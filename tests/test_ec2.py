@@ -595,6 +595,22 @@ def test_a_bad_role_setting_on_reload_leaves_the_running_role_refreshing(ec2, st
     assert json.loads(_credentials(server, "app-role"))["Code"] == "Success"
 
 
+def test_a_reload_that_drops_a_role_does_not_wait_for_its_hanging_sts_call(ec2, sts_env,
+                                                                            tmp_path):
+    sts_env.lifetime = 4          # the first session is refreshed about 2 s after it is issued
+    config = tmp_path / "ec2.json"
+    config.write_text(json.dumps(_assume_role_config(sts_env, refresh_margin=2)))
+    server = ec2(config=str(config))
+    assert sts_env.calls == 1
+    sts_env.delay = 4.0           # the refresh hangs
+    assert _wait_for(lambda: sts_env.started == 2)
+    config.write_text(json.dumps({"ec2": {}, "mds": {"ec2": {"role": "other"}}}))
+    assert server.reload() is True
+    # The reload returned while the dropped role's STS call was still hanging.
+    assert sts_env.calls == 1
+    assert text(server, "/latest/meta-data/iam/security-credentials/") == "other"
+
+
 def test_assume_role_bad_source_key_is_reported(ec2, sts_env, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     server = ec2(config=_assume_role_config(sts_env))
