@@ -1368,18 +1368,17 @@ class Ec2Flavor(object):
             raise ConfigError("role %s: assume-role needs role_arn" % name)
         # Checked here, not when the provider is built, so that a bad value fails the whole
         # (re)load before any running provider is touched.  STS's own range is 900-43200 s.
-        for field, low, high in (("duration", 900, 43200), ("refresh_margin", 0, 43200),
-                                 ("retry_delay", 0.01, 3600)):
+        for field, low, high, whole in (("duration", 900, 43200, True),
+                                        ("refresh_margin", 0, 43200, False),
+                                        ("retry_delay", 0.01, 3600, False)):
             value = spec.get(field)
             if value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not low <= value <= high:
-                raise ConfigError("role %s: %s must be a number of seconds from %s to %s, "
-                                  "not %r" % (name, field, low, high, value))
-        if spec.get("duration") is not None and spec["duration"] != int(spec["duration"]):
-            raise ConfigError("role %s: duration must be whole seconds, not %r"
-                              % (name, spec["duration"]))
+                    or not low <= value <= high or (whole and value != int(value)):
+                raise ConfigError("role %s: %s must be %s from %s to %s, not %r" % (
+                    name, field, "whole seconds" if whole else "a number of seconds", low,
+                    high, value))
         spec["source"] = source
         return spec
 
@@ -2372,7 +2371,6 @@ class _UpstreamFailure(Exception):
 
 
 MINT_BUDGET = 10.0     # seconds one token may take upstream, every attempt and retry included
-OUT_OF_TIME = "out of time: the deadline for one token has passed"
 
 
 def mint_deadline(budget):
@@ -2389,7 +2387,7 @@ def _attempt_timeout(timeout, deadline):
         return timeout
     left = deadline - time.monotonic()
     if left <= 0.01:
-        raise _UpstreamFailure(OUT_OF_TIME, False, 502)
+        raise _UpstreamFailure("out of time: the deadline for one token has passed", False, 502)
     return min(timeout, left)
 
 
@@ -2669,10 +2667,11 @@ class GoogleAuthTransport:
             body = body.encode("utf-8")
         request = urllib.request.Request(url, data=body, headers=dict(headers or {}),
                                          method=method)
-        if self.deadline is not None and self.deadline - time.monotonic() <= 0.01:
+        try:
+            wait = _attempt_timeout(min(timeout or self.timeout, self.timeout), self.deadline)
+        except _UpstreamFailure as late:
             # google-auth retries some failures itself; none may outlast the mint's deadline.
-            raise google.auth.exceptions.TransportError(OUT_OF_TIME)
-        wait = _attempt_timeout(min(timeout or self.timeout, self.timeout), self.deadline)
+            raise google.auth.exceptions.TransportError(late.cause) from None
         try:
             with urllib.request.urlopen(request, timeout=wait) as response:
                 return _GoogleAuthResponse(response.status, dict(response.headers.items()),

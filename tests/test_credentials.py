@@ -446,24 +446,36 @@ def test_impersonation_id_token(fake, user_credentials):
     assert fake.last_request["iam:generateAccessToken"]["delegates"] == request["delegates"]
 
 
-def test_impersonated_id_token_shares_one_deadline_across_its_two_calls(fake,
-                                                                       user_credentials):
-    """The source-token refresh and generateIdToken each fit the budget; together they
-    do not, so the second call is cut short instead of starting its own clock."""
+@pytest.mark.parametrize("kind", ["access", "id"])
+def test_an_impersonated_token_shares_one_deadline_across_its_two_calls(fake, user_credentials,
+                                                                        kind):
+    """The source-token refresh and the IAM call each fit the budget; together they do not,
+    so the second call is cut short instead of starting its own clock.  Access tokens go
+    through google-auth's transport, id tokens through mds's own POST."""
     target = fake.add_service_account()
     source = mds.ImpersonatedSource(target.email, source_credentials=user_credentials,
                                     iam_endpoint_override=fake.url, retry_delays=FAST_RETRIES,
                                     budget=1.5)
+
+    def mint():
+        if kind == "access":
+            return source.access_token((STORAGE_READ,))
+        return source.id_token("https://run.example.com")
+
     fake.delay = 1.0
     with pytest.raises(mds.CredentialError) as caught:
-        source.id_token("https://run.example.com")
+        mint()
     assert caught.value.status == 502
-    assert "id token for %s" % target.email in str(caught.value)
+    assert "timed out" in str(caught.value) and "no time left to retry" in str(caught.value)
+    assert target.email in str(caught.value)
     assert fake.count("token:refresh") == 1
     fake.delay = 0.0
-    token = source.id_token("https://run.example.com")
-    assert verify_with_key(token.value, fake.google_key.public_key())[1]["email"] == \
-        target.email
+    token = mint()
+    if kind == "access":
+        assert fake.issued_tokens[token.value]["principal"] == target.email
+    else:
+        claims = verify_with_key(token.value, fake.google_key.public_key())[1]
+        assert claims["email"] == target.email
 
 
 def test_impersonation_denied_then_recovers(fake, user_credentials, caplog):
