@@ -2223,6 +2223,7 @@ class SigningKey:
         self._started = False
         self._guard = threading.Lock()
         self._needed = threading.Event()
+        self._cancelled = False
         if pem_path:
             try:
                 with open(pem_path, "r", encoding="utf-8") as handle:
@@ -2246,6 +2247,9 @@ class SigningKey:
     def _generate(self, delay):
         self._needed.wait(delay)
         try:
+            if self._cancelled:          # the server stopped before anyone needed the key
+                self._error = "the server stopped before the key was made"
+                return
             self._key = RsaKey.generate(2048)
             log.debug("identity-token signing key ready: %s", self._key.fingerprint())
         except Exception as exc:   # never leave id-token requests waiting forever
@@ -2253,6 +2257,11 @@ class SigningKey:
             log.exception("could not generate the signing key")
         finally:
             self._ready.set()
+
+    def stop(self):
+        """A key not yet generated never will be: short-lived servers (tests) cost no CPU."""
+        self._cancelled = True
+        self._needed.set()
 
     def get(self, timeout=60):
         self._needed.set()
@@ -5319,6 +5328,7 @@ class MetadataServer:
         self.store.wake()
         if hasattr(self.flavor, "stop"):
             self.flavor.stop()
+        self.signing_key.stop()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()

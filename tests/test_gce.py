@@ -1113,6 +1113,15 @@ def test_a_deferred_key_is_generated_at_once_when_first_needed():
     assert isinstance(key.get(timeout=60), mds.RsaKey)
 
 
+def test_a_key_still_deferred_when_its_server_stops_is_never_generated(mds_server_factory):
+    """Short-lived servers (tests, CI jobs) spend no CPU on a key nobody asked for."""
+    server = mds_server_factory()
+    server.stop()
+    with pytest.raises(mds.CredentialError) as stopped:
+        server.signing_key.get(timeout=60)
+    assert "stopped" in str(stopped.value)
+
+
 @pytest.mark.parametrize("pem_format", ["PKCS8", "TraditionalOpenSSL"])
 def test_signing_key_pem_is_honoured(tmp_path, pem_format):
     from cryptography.hazmat.primitives import hashes, serialization
