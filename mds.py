@@ -2107,6 +2107,9 @@ class TokenCache:
             try:
                 fresh = mint()
             except CredentialError as exc:
+                # The back-off counts from the failure, not from the start of a mint that may
+                # have taken the whole deadline: requests queued behind it get this answer.
+                now = self.clock()
                 self._record_failure(key, now, exc)
                 return self._fallback(token, now, exc)
             self._failures.pop(key, None)

@@ -930,6 +930,29 @@ def test_a_failing_background_refresh_backs_off_like_a_failing_mint():
     settle_background_refreshes()
     assert len(calls) == 2
 
+
+def test_requests_queued_behind_a_slow_failing_mint_get_its_failure():
+    """The back-off counts from when the mint failed: a mint that used its whole deadline must
+    not leave the requests queued behind it each starting another one."""
+    clock = FakeClock()
+    cache = mds.TokenCache(clock=clock)
+    calls = []
+
+    def slow_failing_mint():
+        calls.append(clock())
+        clock.now += 10                       # the upstream hung for the whole deadline
+        raise mds.CredentialError("upstream timed out", 502)
+
+    for _ in range(3):
+        with pytest.raises(mds.CredentialError) as failed:
+            cache.get("key", slow_failing_mint)
+        assert failed.value.status == 502 and "timed out" in str(failed.value)
+    assert len(calls) == 1
+    clock.now += 1.5                          # past the first back-off: one more try
+    with pytest.raises(mds.CredentialError):
+        cache.get("key", slow_failing_mint)
+    assert len(calls) == 2
+
 def test_fifty_concurrent_cold_token_requests_mint_exactly_once(server):
     source = primary_source(server)
     original = source.access_token
