@@ -2107,11 +2107,9 @@ class TokenCache:
             try:
                 fresh = mint()
             except CredentialError as exc:
-                # The back-off counts from the failure, not from the start of a mint that may
-                # have taken the whole deadline: requests queued behind it get this answer.
-                now = self.clock()
-                self._record_failure(key, now, exc)
-                return self._fallback(token, now, exc)
+                failed = self.clock()
+                self._record_failure(key, now, failed, exc)
+                return self._fallback(token, failed, exc)
             self._failures.pop(key, None)
             self._tokens[key] = fresh
             return fresh
@@ -2120,12 +2118,16 @@ class TokenCache:
         failure = self._failures.get(key)
         return failure is None or now >= failure[0]
 
-    def _record_failure(self, key, now, exc):
+    def _record_failure(self, key, started, failed, exc):
         # Back off (1 s, 2 s, 4 s ... 30 s) so a dead upstream is not hammered, whether the
-        # failed mint was a request's or a background refresh's.
+        # failed mint was a request's or a background refresh's; counted from the failure, and
+        # never shorter than the failed mint took.  A mint that hung for its whole deadline is
+        # then not restarted by the client retries queued behind it: they get its 502 and its
+        # cause at once, inside their own short timeouts (google-auth and gcp-metadata: 3 s).
         failure = self._failures.get(key)
         tries = failure[1] + 1 if failure else 1
-        self._failures[key] = (now + min(30, 2 ** (tries - 1)), tries, exc)
+        pause = max(min(30, 2 ** (tries - 1)), failed - started)
+        self._failures[key] = (failed + pause, tries, exc)
 
     def _fallback(self, token, now, exc):
         # A cached token that still works beats an error while the upstream recovers.
@@ -2142,13 +2144,14 @@ class TokenCache:
             self._refreshing.add(key)
 
         def refresh():
+            started = self.clock()
             try:
                 fresh = mint()
                 with self._lock(key):
                     self._staged[key] = fresh
                     self._failures.pop(key, None)
             except CredentialError as exc:
-                self._record_failure(key, self.clock(), exc)
+                self._record_failure(key, started, self.clock(), exc)
                 log.warning("background token refresh failed (will retry): %s", exc)
             finally:
                 with self._guard:

@@ -931,9 +931,10 @@ def test_a_failing_background_refresh_backs_off_like_a_failing_mint():
     assert len(calls) == 2
 
 
-def test_requests_queued_behind_a_slow_failing_mint_get_its_failure():
-    """The back-off counts from when the mint failed: a mint that used its whole deadline must
-    not leave the requests queued behind it each starting another one."""
+def test_a_mint_that_hung_is_not_restarted_for_as_long_as_it_took():
+    """The back-off counts from when the mint failed and lasts at least as long as the mint
+    took: client retries queued behind a mint that used its whole deadline get its failure
+    at once instead of each starting another long mint and timing out themselves."""
     clock = FakeClock()
     cache = mds.TokenCache(clock=clock)
     calls = []
@@ -943,15 +944,32 @@ def test_requests_queued_behind_a_slow_failing_mint_get_its_failure():
         clock.now += 10                       # the upstream hung for the whole deadline
         raise mds.CredentialError("upstream timed out", 502)
 
-    for _ in range(3):
+    for wait in (0, 1.5, 4, 4):               # client retries over the next 9.5 s
+        clock.now += wait
         with pytest.raises(mds.CredentialError) as failed:
             cache.get("key", slow_failing_mint)
         assert failed.value.status == 502 and "timed out" in str(failed.value)
     assert len(calls) == 1
-    clock.now += 1.5                          # past the first back-off: one more try
+    clock.now += 1                            # 10.5 s after the failure: one more try
     with pytest.raises(mds.CredentialError):
         cache.get("key", slow_failing_mint)
     assert len(calls) == 2
+
+
+def test_a_quick_failure_backs_off_one_second_then_doubles():
+    clock = FakeClock()
+    cache = mds.TokenCache(clock=clock)
+    calls = []
+
+    def refused():
+        calls.append(clock())
+        raise mds.CredentialError("connection refused", 502)
+
+    for wait, tries in ((0, 1), (0.5, 1), (0.6, 2), (1.5, 2), (0.6, 3)):
+        clock.now += wait
+        with pytest.raises(mds.CredentialError):
+            cache.get("key", refused)
+        assert len(calls) == tries, (wait, calls)
 
 def test_fifty_concurrent_cold_token_requests_mint_exactly_once(server):
     source = primary_source(server)
