@@ -895,6 +895,25 @@ def test_python_google_auth_hears_why_when_google_hangs(fake, client_server, cli
     assert fake.issued_tokens[report["token"]]["principal"] == account.email
 
 
+def test_node_google_auth_library_hears_why_when_google_is_down(fake, client_server,
+                                                                client_env):
+    """gcp-metadata retries a 502 a few times within short timeouts; the cause must survive."""
+    server, account = client_server
+    port = fake.port
+    fake.stop()
+    report = run_node("gce_token.js", client_env(server))
+    assert "token" not in report, report
+    error = report["error"]
+    assert "access token for %s" % account.email in error, error
+    assert "127.0.0.1:%d" % port in error and "refused" in error.lower()
+    fake.start(port)
+    deadline = time.monotonic() + 30
+    while "token" not in report and time.monotonic() < deadline:
+        time.sleep(1)
+        report = run_node("gce_token.js", client_env(server))
+    assert fake.issued_tokens[report["token"]]["principal"] == account.email
+
+
 def test_node_google_auth_library_receives_the_token_google_issued(
         fake, client_server, client_env):
     server, account = client_server
