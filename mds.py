@@ -216,6 +216,53 @@ class MetadataStore:
             self.changed.notify_all()
 
 
+# Timed events (GCE preemption and maintenance, EC2 spot and scheduled events) are configured as
+# {"after": seconds or "2m" since startup} or {"at": epoch or ISO time}.
+
+
+def parse_duration(text):
+    """Seconds from "90", "90s", "2m", "1h", "1h30m" (CLI delays)."""
+    text = str(text).strip().lower()
+    if re.match(r"^\d+(\.\d+)?$", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError("not a duration: %r (use e.g. 90, 90s, 2m, 1h30m)" % text)
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+def duration_argument(text):
+    """parse_duration for argparse, whose error then quotes the reason."""
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+
+
+def _seconds(value):
+    """Seconds from a number or a duration ("90s", "2m"); ValueError or TypeError if neither."""
+    if isinstance(value, bool):
+        raise TypeError("not a number of seconds")
+    return parse_duration(value) if isinstance(value, str) else float(value)
+
+
+def _event_time(spec, started_at, where):
+    """Absolute epoch of an event from {"after": seconds since startup} or {"at": time};
+    `where` names the setting in errors ("mds.ec2.events.spot")."""
+    if "at" in spec and spec["at"] is not None:
+        at = spec["at"]
+        if isinstance(at, (int, float)):
+            return float(at)
+        try:
+            return parse_imds_time(str(at))
+        except ValueError:
+            raise ConfigError("%s.at must be epoch seconds or an ISO time" % where)
+    try:
+        return started_at + _seconds(spec.get("after", 0))
+    except (TypeError, ValueError):
+        raise ConfigError("%s.after must be seconds or a duration" % where)
+
+
 # ---- HTTP handling ---------------------------------------------------------------------------
 
 
@@ -552,11 +599,85 @@ class GceFlavor:
         settings = document.get("mds") or {}
         if not isinstance(settings, dict):
             raise ConfigError('"mds" settings must be an object')
+        now = time.time()
+        v1, events = self._with_events(v1, settings, now)
         accounts = self._accounts(v1, settings)
         version = self._compile_dict("v1", "v1", v1, (), accounts)
         top_node = Node("computeMetadata", "computeMetadata", "dir", children={"v1": version})
         root = Node("", "", "dir", children={"computeMetadata": top_node.finish()})
-        return _GceTree(root.finish(), accounts, v1)
+        boundaries = [t for event in events for t in event[:2] if t is not None and t > now]
+        return _GceTree(root.finish(), accounts, v1, events, min(boundaries, default=None))
+
+    def _with_events(self, v1, settings, now):
+        """The v1 section as it stands at `now` under the timed events, and the events as
+        [(start, end or None, instance key, value)]: the key holds the value in that window.
+
+        Configured in the "mds" "events" object (or by --preempt-after and
+        --maintenance-event-after): {"preemption": {"after": 120}, "maintenance": [{"after":
+        60, "duration": 60, "event": "MIGRATE_ON_HOST_MAINTENANCE"}]}.
+        """
+        events = settings.get("events") or {}
+        if not isinstance(events, dict):
+            raise ConfigError('"mds"."events" must be an object')
+        events = dict(events)
+        for name, option in (("preemption", "preempt_after"),
+                             ("maintenance", "maintenance_event_after")):
+            if self.server.options.get(option) is not None:
+                given = events.get(name)
+                events[name] = dict(given if isinstance(given, dict) else {},
+                                    after=self.server.options[option])
+        unknown = sorted(set(events) - {"preemption", "maintenance"})
+        if unknown:
+            raise ConfigError('unknown event(s) in "mds"."events": %s (expected preemption, '
+                              'maintenance)' % ", ".join(unknown))
+        if not any(events.values()):
+            return v1, []
+        if self.variant != "gce":
+            raise ConfigError("the %s has no preemption or maintenance events; they are a "
+                              "Compute Engine feature" % self.server_header)
+        instance = dict(v1.get("instance") or {})
+        instance.setdefault("preempted", "FALSE")
+        instance.setdefault("maintenanceEvent", "NONE")
+        windows = []
+        preemption = events.get("preemption")
+        if preemption:
+            spec = self._event_spec(preemption, "preemption")
+            # Only Spot (preemptible) VMs are preempted, and GCE gives them these options.
+            instance["scheduling"] = dict(instance.get("scheduling") or {},
+                                          automaticRestart="FALSE", onHostMaintenance="TERMINATE",
+                                          preemptible="TRUE")
+            windows.append((_event_time(spec, self.server.started_at, "mds.events.preemption"),
+                            None, "preempted", "TRUE"))
+        host = str((instance.get("scheduling") or {}).get("onHostMaintenance") or "MIGRATE")
+        maintenance = events.get("maintenance") or []
+        for spec in maintenance if isinstance(maintenance, list) else [maintenance]:
+            spec = self._event_spec(spec, "maintenance")
+            start = _event_time(spec, self.server.started_at, "mds.events.maintenance")
+            kind = spec.get("event") or host.upper() + "_ON_HOST_MAINTENANCE"
+            if kind not in ("MIGRATE_ON_HOST_MAINTENANCE", "TERMINATE_ON_HOST_MAINTENANCE"):
+                raise ConfigError("mds.events.maintenance.event must be "
+                                  "MIGRATE_ON_HOST_MAINTENANCE or TERMINATE_ON_HOST_MAINTENANCE,"
+                                  " not %r" % kind)
+            # The value appears 60 s before the maintenance and is NONE again once it is over.
+            duration = spec.get("duration", 60)
+            try:
+                end = None if duration is None else start + _seconds(duration)
+            except (TypeError, ValueError):
+                raise ConfigError("mds.events.maintenance.duration must be seconds, a duration "
+                                  "or null (for good)")
+            windows.append((start, end, "maintenanceEvent", kind))
+        for start, end, key, value in windows:
+            if start <= now and (end is None or now < end):
+                instance[key] = value
+        return dict(v1, instance=instance), windows
+
+    @staticmethod
+    def _event_spec(value, name):
+        spec = {} if value is True else value
+        if not isinstance(spec, dict):
+            raise ConfigError("mds.events.%s must be true or an object such as {\"after\": 60}"
+                              % name)
+        return spec
 
     def _accounts(self, v1, settings):
         instance = v1.get("instance") or {}
@@ -726,6 +847,8 @@ class GceFlavor:
                             "text/html; charset=UTF-8", [("Allow", "GET")])
         segments = [urllib.parse.unquote(s) for s in path.split("/") if s]
         tree = self.server.store.tree
+        if tree.next_event is not None and time.time() >= tree.next_event:
+            tree = self.server.publish_due_events()
         node = resolve(tree.root, segments)
         if node is None or (path.endswith("/") and not node.is_dir) or \
                 segments[:2] != ["computeMetadata", "v1"] and len(segments) > 1:
@@ -911,6 +1034,13 @@ class GceFlavor:
             location += "?" + request.raw_query
         return Response(301, target + "\n", "text/html", [("Location", location)])
 
+    def startup_lines(self):
+        """Lines for the startup log: the timed events."""
+        return ["event: instance/%s is %s from %s%s" % (
+            dash_case(key), value, format_imds_time(start),
+            "" if end is None else " until " + format_imds_time(end))
+            for start, end, key, value in self.server.store.tree.events]
+
 
 def _primary_email(accounts):
     """The email of the account served as `default` in an instance.serviceAccounts object."""
@@ -946,10 +1076,12 @@ class BadRequest(ValueError):
 class _GceTree:
     """A compiled GCE document: the node tree, the service accounts and the raw v1 section."""
 
-    __slots__ = ("root", "accounts", "v1")
+    __slots__ = ("root", "accounts", "v1", "events", "next_event")
 
-    def __init__(self, root, accounts, v1):
+    def __init__(self, root, accounts, v1, events=(), next_event=None):
         self.root, self.accounts, self.v1 = root, accounts, v1
+        self.events = events            # timed events, see GceFlavor._with_events
+        self.next_event = next_event    # when one next begins or ends: the tree is then stale
 
 
 def _text_value(value):
@@ -993,8 +1125,23 @@ def _render_text(node):
     return "".join(lines).encode("utf-8")
 
 
-# Functions that add a flavor's own command-line flags (the EC2 flavor registers one).
-FLAVOR_ARGUMENTS = (lambda parser: add_ec2_arguments(parser),)
+def add_gce_arguments(parser):
+    """Add the GCE flavor's options to the CLI parser (they become MetadataServer options)."""
+    group = parser.add_argument_group("GCE flavor (--flavor gce)")
+    group.add_argument("--preempt-after", metavar="DURATION", type=duration_argument,
+                       help="make this a Spot VM whose instance/preempted turns TRUE this long "
+                            "after startup (e.g. 2m)")
+    group.add_argument("--maintenance-event-after", metavar="DURATION", type=duration_argument,
+                       help="set instance/maintenance-event to MIGRATE_ON_HOST_MAINTENANCE "
+                            "(TERMINATE_ON_HOST_MAINTENANCE on a Spot VM) this long after "
+                            "startup, and back to NONE 60 s later")
+    return group
+
+
+GCE_OPTIONS = ("preempt_after", "maintenance_event_after")
+
+# Functions that add a flavor's own command-line flags.
+FLAVOR_ARGUMENTS = (add_gce_arguments, lambda parser: add_ec2_arguments(parser))
 
 FLAVORS = types.MappingProxyType({
     "gce": lambda server: GceFlavor(server, "gce"),
@@ -1070,17 +1217,6 @@ def aws_json(value):
     return json.dumps(value, indent=2, separators=(",", " : "))
 
 
-def parse_duration(text):
-    """Seconds from "90", "90s", "2m", "1h", "1h30m" (CLI delays)."""
-    text = str(text).strip().lower()
-    if re.match(r"^\d+(\.\d+)?$", text):
-        return float(text)
-    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise ValueError("not a duration: %r (use e.g. 90, 90s, 2m, 1h30m)" % text)
-    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
-
-
 def availability_zone_id(region, zone):
     """A plausible zone id ("use1-az1") for a zone; real ids are shuffled per account."""
     parts = region.split("-")
@@ -1125,24 +1261,6 @@ def _rfc1123_short(epoch):
     # Scheduled-event dates look like "21 Jan 2019 09:00:43 GMT" (spec §3.4).
     moment = time.gmtime(epoch)
     return "%d %s" % (moment.tm_mday, time.strftime("%b %Y %H:%M:%S GMT", moment))
-
-
-def _event_time(spec, started_at, what):
-    """Absolute epoch of an event from {"after": seconds since startup} or {"at": time}."""
-    if "at" in spec and spec["at"] is not None:
-        at = spec["at"]
-        if isinstance(at, (int, float)):
-            return float(at)
-        try:
-            return parse_imds_time(str(at))
-        except ValueError:
-            raise ConfigError("mds.ec2.events.%s.at must be epoch seconds or an ISO time"
-                              % what)
-    after = spec.get("after", 0)
-    try:
-        return started_at + (parse_duration(after) if isinstance(after, str) else float(after))
-    except (TypeError, ValueError):
-        raise ConfigError("mds.ec2.events.%s.after must be seconds or a duration" % what)
 
 
 class _Computed(object):
@@ -1391,20 +1509,20 @@ class Ec2Flavor(object):
             if action not in ("terminate", "stop", "hibernate"):
                 raise ConfigError("mds.ec2.events.spot.action must be terminate, stop or "
                                   "hibernate")
-            notice_at = _event_time(spot, started_at, "spot")
+            notice_at = _event_time(spot, started_at, "mds.ec2.events.spot")
             # The action time is two minutes after the notice, as on EC2.
             compiled["spot"] = (notice_at, action,
                                 notice_at + float(spot.get("notice", 120)))
         rebalance = events.get("rebalance")
         if rebalance:
             rebalance = {} if rebalance is True else dict(rebalance)
-            compiled["rebalance"] = _event_time(rebalance, started_at, "rebalance")
+            compiled["rebalance"] = _event_time(rebalance, started_at, "mds.ec2.events.rebalance")
         maintenance = events.get("maintenance") or []
         if isinstance(maintenance, dict):
             maintenance = [maintenance]
         compiled["maintenance"] = []
         for index, event in enumerate(maintenance):
-            visible_at = _event_time(event, started_at, "maintenance")
+            visible_at = _event_time(event, started_at, "mds.ec2.events.maintenance")
             not_before = visible_at + float(event.get("starts_in", 7 * 86400))
             entry = collections.OrderedDict()
             entry["NotBefore"] = _rfc1123_short(not_before)
@@ -1420,8 +1538,8 @@ class Ec2Flavor(object):
         lifecycle = events.get("autoscaling") or events.get("target_lifecycle_state")
         if lifecycle:
             lifecycle = {} if lifecycle is True else dict(lifecycle)
-            compiled["autoscaling"] = (_event_time(lifecycle, started_at, "autoscaling"),
-                                       lifecycle.get("initial", "InService"),
+            starts = _event_time(lifecycle, started_at, "mds.ec2.events.autoscaling")
+            compiled["autoscaling"] = (starts, lifecycle.get("initial", "InService"),
                                        lifecycle.get("state", "Terminated"))
         return compiled
 
@@ -2011,10 +2129,10 @@ def add_ec2_arguments(parser):
     group.add_argument("--static-credentials", action="store_true",
                        help="serve the server's AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/"
                             "AWS_SESSION_TOKEN as the role's credentials")
-    group.add_argument("--spot-interruption-after", metavar="DURATION", type=parse_duration,
+    group.add_argument("--spot-interruption-after", metavar="DURATION", type=duration_argument,
                        help="publish a spot interruption notice this long after startup "
                             "(e.g. 2m); the action time is 2 minutes later")
-    group.add_argument("--rebalance-after", metavar="DURATION", type=parse_duration,
+    group.add_argument("--rebalance-after", metavar="DURATION", type=duration_argument,
                        help="publish a rebalance recommendation this long after startup")
     group.add_argument("--ecs-auth-token", metavar="TOKEN",
                        help="require this Authorization value on the ECS credentials "
@@ -5319,6 +5437,7 @@ class MetadataServer:
             self.flavor.start()
         if self.config_path:
             self._spawn(self._watch_config, "mds-config-watch")
+        self._spawn(self._event_clock, "mds-event-clock")
         self.signing_key.start(delay=1.0)   # the startup burst of requests goes first
         return self
 
@@ -5407,6 +5526,32 @@ class MetadataServer:
         self.settings = document.get("mds") or {}
         log.info("reloaded %s", self.config_path)
         return True
+
+    def publish_due_events(self):
+        """Recompile once a timed event has begun or ended (GCE preemption, maintenance), so
+        that it reaches readers and wakes wait_for_change like any other change; returns the
+        tree now serving."""
+        store = self.store
+        with store.changed:
+            tree = store.tree
+            due = getattr(tree, "next_event", None)
+            if due is not None and time.time() >= due:
+                try:
+                    store.replace(store.document)
+                except ConfigError as exc:      # the same document compiled a moment ago
+                    tree.next_event = None
+                    log.error("cannot apply a timed event: %s", exc)
+            return store.tree
+
+    def _event_clock(self):
+        store = self.store
+        while not self._stop.is_set():
+            self.publish_due_events()
+            with store.changed:
+                due = getattr(store.tree, "next_event", None)
+                if not self._stop.is_set():
+                    # Any change wakes this too: a reload may move or add events.
+                    store.changed.wait(None if due is None else max(0.0, due - time.time()))
 
     def _compile(self, document):
         """The flavor's compile; any failure is the ConfigError it really is, so a bad document
@@ -5668,6 +5813,19 @@ def credentials_from_args(args, environ=None):
     return spec, signer, identity
 
 
+def flavor_options_from_args(args):
+    """The MetadataServer `options` for the chosen flavor's flags; another flavor's flag is
+    an error rather than silently ignored."""
+    ec2 = ec2_options_from_args(args)
+    gce = {name: getattr(args, name) for name in GCE_OPTIONS
+           if getattr(args, name, None) is not None}
+    chosen, other = (ec2, gce) if args.flavor == "ec2" else (gce, ec2)
+    if other:
+        raise ConfigError("--%s does not apply to --flavor %s"
+                          % (sorted(other)[0].replace("_", "-"), args.flavor))
+    return chosen
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -5687,8 +5845,7 @@ def main(argv=None):
         server = MetadataServer(config=args.config, host=args.host, port=args.port,
                                 flavor=args.flavor, signing_key=args.signing_key,
                                 credentials=spec, signer=signer, identity=identity,
-                                options=ec2_options_from_args(args) if args.flavor == "ec2"
-                                else None)
+                                options=flavor_options_from_args(args))
         server.start()
     except (ConfigError, CredentialError, OSError) as exc:
         parser.exit(2, "mds: error: %s\n" % exc)

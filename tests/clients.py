@@ -264,5 +264,10 @@ class MdsCli:
         with open(self.stderr_path, encoding="utf-8", errors="replace") as handle:
             return handle.read()
 
+    @property
+    def env(self):
+        """The variables the startup log tells a user to export (GCE flavor)."""
+        return dict(re.findall(r"export (GCE_METADATA_\w+)=(\S+)", self.stderr()))
+
     def stop(self):
         stop_process(self.process)

@@ -159,6 +159,11 @@ def test_key_file_for_another_account_than_the_configs_fails_at_startup(tmp_path
     (["--service-account-file", "/nonexistent/sa.json"], "sa.json"),
     (["--token-mode", "self-signed"], "--service-account-file"),
     (["--access-token", "x", "--impersonate"], "choose one"),
+    # A flag of another flavor is refused, not silently ignored.
+    (["--flavor", "ec2", "--preempt-after", "1m"], "--preempt-after does not apply to --flavor ec2"),
+    (["--spot-interruption-after", "1m"], "--spot-interruption-after does not apply to --flavor gce"),
+    (["--flavor", "cloudrun", "--maintenance-event-after", "1m"], "Compute Engine"),
+    (["--preempt-after", "soon"], "not a duration"),
 ])
 def test_bad_startup_options_fail_with_one_clear_line(argv, reason):
     result = subprocess.run([sys.executable, MDS_PY, "--port", "0"] + argv,

@@ -776,6 +776,163 @@ def test_guest_agent_style_whole_tree_wait(shared_server):
     assert reply.json()["instance"]["id"] == INSTANCE_ID
 
 
+# ---- timed events: preemption and maintenance ---------------------------------------------
+
+
+def document_with_events(events, **instance_changes):
+    document = copy.deepcopy(DOCUMENT)
+    document["computeMetadata"]["v1"]["instance"].update(instance_changes)
+    document["mds"] = {"events": events}
+    return document
+
+
+def wait_for_next(server, path, etag):
+    """A wait_for_change from `etag` that must still be hanging a moment after it started."""
+    waiter = Waiter(server, path + "?wait_for_change=true&last_etag=" + etag)
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive(), "answered before the event: %r" % waiter.reply
+    return waiter.result()
+
+
+def test_preemption_turns_preempted_true_and_wakes_a_waiter(mds_server_factory):
+    server = mds_server_factory(config=document_with_events(
+        {"preemption": {"at": time.time() + 2}}))
+    path = V1 + "instance/preempted"
+    before = get(server, path)
+    assert before.body == b"FALSE"
+    # Only a Spot VM is preempted, and GCE gives it these scheduling options.
+    assert get(server, V1 + "instance/scheduling/?recursive=true").json() == {
+        "automaticRestart": "FALSE", "onHostMaintenance": "TERMINATE", "preemptible": "TRUE"}
+    reply = wait_for_next(server, path, before.header("ETag"))
+    assert reply.status == 200 and reply.body == b"TRUE"
+    assert reply.header("ETag") != before.header("ETag")
+    assert get(server, path).body == b"TRUE"
+    assert get(server, V1 + "instance/?recursive=true").json()["preempted"] == "TRUE"
+
+
+def test_maintenance_event_begins_and_ends_and_the_etag_comes_back(mds_server_factory):
+    server = mds_server_factory(config=document_with_events(
+        {"maintenance": {"at": time.time() + 1.5, "duration": 1}}))
+    path = V1 + "instance/maintenance-event"
+    before = get(server, path)
+    assert before.body == b"NONE"
+    during = wait_for_next(server, path, before.header("ETag"))
+    assert during.body == b"MIGRATE_ON_HOST_MAINTENANCE"    # the VM's onHostMaintenance
+    after = wait_for_next(server, path, during.header("ETag"))
+    assert after.body == b"NONE"
+    assert after.header("ETag") == before.header("ETag")
+
+
+@pytest.mark.parametrize("events, scheduling, expected", [
+    ({"maintenance": {"after": 0}},
+     {"automaticRestart": "TRUE", "onHostMaintenance": "TERMINATE", "preemptible": "FALSE"},
+     "TERMINATE_ON_HOST_MAINTENANCE"),
+    ({"maintenance": {"after": 0}, "preemption": {"after": 3600}},
+     {"automaticRestart": "TRUE", "onHostMaintenance": "MIGRATE", "preemptible": "FALSE"},
+     "TERMINATE_ON_HOST_MAINTENANCE"),
+    ({"maintenance": [{"after": 3600}, {"after": 0, "event": "TERMINATE_ON_HOST_MAINTENANCE"}]},
+     {"automaticRestart": "TRUE", "onHostMaintenance": "MIGRATE", "preemptible": "FALSE"},
+     "TERMINATE_ON_HOST_MAINTENANCE"),
+    ({"maintenance": True},
+     {"automaticRestart": "TRUE", "onHostMaintenance": "MIGRATE", "preemptible": "FALSE"},
+     "MIGRATE_ON_HOST_MAINTENANCE"),
+])
+def test_the_maintenance_event_follows_the_host_maintenance_policy(mds_server_factory, events,
+                                                                   scheduling, expected):
+    server = mds_server_factory(config=document_with_events(events, scheduling=scheduling))
+    assert get(server, V1 + "instance/maintenance-event").body == expected.encode()
+
+
+def test_event_keys_are_served_even_when_the_config_omits_them(mds_server_factory):
+    document = document_with_events({"preemption": {"after": 3600}})
+    instance = document["computeMetadata"]["v1"]["instance"]
+    del instance["preempted"], instance["maintenanceEvent"]
+    server = mds_server_factory(config=document)
+    assert get(server, V1 + "instance/preempted").body == b"FALSE"
+    assert get(server, V1 + "instance/maintenance-event").body == b"NONE"
+
+
+def test_the_timeline_holds_across_updates_and_reloads(mds_server_factory, tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(document_with_events({"preemption": {"after": 0}})))
+    server = mds_server_factory(config=str(config))
+    path = V1 + "instance/preempted"
+    assert get(server, path).body == b"TRUE"
+    server.update("instance/attributes/alpha", "unrelated edit")
+    assert get(server, path).body == b"TRUE"
+    # The config describes the timeline: moving the event later un-preempts the VM ...
+    config.write_text(json.dumps(document_with_events({"preemption": {"after": 3600}})))
+    assert server.reload()
+    before = get(server, path)
+    assert before.body == b"FALSE"
+    # ... and a reload that brings it near wakes the clock, which publishes it on time.
+    waiter = Waiter(server, path + "?wait_for_change=true&last_etag=" + before.header("ETag"))
+    waiter.start()
+    config.write_text(json.dumps(document_with_events(
+        {"preemption": {"at": time.time() + 1}})))
+    assert server.reload()
+    assert get(server, path).body == b"FALSE"
+    assert waiter.result().body == b"TRUE"
+
+
+@pytest.mark.parametrize("events, reason", [
+    ({"reboot": {"after": 1}}, "unknown event(s) in \"mds\".\"events\": reboot"),
+    ({"preemption": "soon"}, "mds.events.preemption must be true or an object"),
+    ({"preemption": {"after": "soon"}}, "mds.events.preemption.after"),
+    ({"preemption": {"at": "tomorrow"}}, "mds.events.preemption.at"),
+    ({"maintenance": {"event": "REBOOT"}}, "MIGRATE_ON_HOST_MAINTENANCE or"),
+    ({"maintenance": {"duration": "long"}}, "mds.events.maintenance.duration"),
+    (["preemption"], '"mds"."events" must be an object'),
+])
+def test_bad_event_settings_are_refused_with_the_reason(events, reason):
+    with pytest.raises(mds.ConfigError) as caught:
+        mds.MetadataServer(config=document_with_events(events))
+    assert reason in str(caught.value)
+
+
+def test_a_bad_event_on_reload_keeps_the_timeline_serving(mds_server_factory, tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(document_with_events({"preemption": {"after": 0}})))
+    server = mds_server_factory(config=str(config))
+    config.write_text(json.dumps(document_with_events({"preemption": {"after": "never"}})))
+    assert not server.reload()
+    assert get(server, V1 + "instance/preempted").body == b"TRUE"
+
+
+@pytest.mark.parametrize("flavor", ["cloudrun", "gke"])
+def test_serverless_and_gke_have_no_timed_events(flavor):
+    with pytest.raises(mds.ConfigError) as caught:
+        mds.MetadataServer(flavor=flavor, options={"preempt_after": 60})
+    assert "Compute Engine" in str(caught.value)
+
+
+def test_options_schedule_events_like_the_command_line(mds_server_factory):
+    server = mds_server_factory(options={"preempt_after": 3600, "maintenance_event_after": 0})
+    assert get(server, V1 + "instance/preempted").body == b"FALSE"
+    assert get(server, V1 + "instance/scheduling/preemptible").body == b"TRUE"
+    assert get(server, V1 + "instance/maintenance-event").body == \
+        b"TERMINATE_ON_HOST_MAINTENANCE"
+
+
+def test_cli_flags_schedule_events_and_the_log_says_when(tmp_path):
+    cli = MdsCli(tmp_path, "--preempt-after", "1h", "--maintenance-event-after", "30m")
+    try:
+        log_text = cli.stderr()
+        status, body = None, None
+        connection = http.client.HTTPConnection("127.0.0.1", cli.port, timeout=10)
+        connection.request("GET", V1 + "instance/scheduling/preemptible", headers=GOOGLE)
+        response = connection.getresponse()
+        status, body = response.status, response.read()
+        connection.close()
+    finally:
+        cli.stop()
+    assert (status, body) == (200, b"TRUE")
+    assert re.search(r"event: instance/preempted is TRUE from \d{4}-\d\d-\d\dT", log_text)
+    assert re.search(r"event: instance/maintenance-event is TERMINATE_ON_HOST_MAINTENANCE "
+                     r"from \S+ until \S+", log_text)
+
+
 # ---- tokens ---------------------------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ import urllib.request
 import pytest
 
 import mds
-from clients import run_go, run_node, run_python, start_go
+from clients import MdsCli, go_binary, run_go, run_node, run_python, start_go
 
 AUDIENCE = "https://mds-test.example/endpoint?x=1"
 ID_TOKEN_ISSUER = "https://accounts.google.com"
@@ -327,6 +327,37 @@ def test_go_subscribe_recursive_directory(gce_server, client_env):
         process.wait()
         process.stdout.close()
         process.stderr.close()
+
+
+def test_clients_watching_for_preemption_and_maintenance_see_them(tmp_path, client_env):
+    """mds run as a user runs it, with both events scheduled on the command line: Go's
+    Subscribe (what the guest agent uses) and google-auth's wait_for_change see each change."""
+    go_binary("gcemeta")          # built before the clock starts, so the events are still ahead
+    cli = MdsCli(tmp_path, "--preempt-after", "4s", "--maintenance-event-after", "2s")
+    watchers = []
+    try:
+        env = client_env(cli)
+        for path, stop in (("instance/preempted", "TRUE"),
+                           ("instance/maintenance-event", "TERMINATE_ON_HOST_MAINTENANCE")):
+            process = start_go("gcemeta", env, ["subscribe", path, stop])
+            watchers.append((process, LineReader(process.stdout)))
+        python_report = run_python("py_gce_wait.py", env, ["instance/preempted", "TRUE"])
+        seen = [[reader.next_json(20) for _ in range(2)] for _, reader in watchers]
+        exits = [process.wait(timeout=20) for process, _ in watchers]
+    finally:
+        for process, _ in watchers:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            process.stdout.close()
+            process.stderr.close()
+        cli.stop()
+    assert seen[0] == [{"value": "FALSE", "ok": True}, {"value": "TRUE", "ok": True}]
+    # A Spot VM's host maintenance terminates it.
+    assert seen[1] == [{"value": "NONE", "ok": True},
+                       {"value": "TERMINATE_ON_HOST_MAINTENANCE", "ok": True}]
+    assert exits == [0, 0]
+    assert python_report == {"values": ["FALSE", "TRUE"]}
 
 
 @VM_CONFIGS
