@@ -547,7 +547,8 @@ class GceFlavor:
     """
 
     name = "gce"
-    SERVER_HEADERS = {"gce": "Metadata Server for VM", "serverless": "Metadata Server for Serverless",
+    SERVER_HEADERS = {"gce": "Metadata Server for VM",
+                      "serverless": "Metadata Server for Serverless",
                       "gke": "GKE Metadata Server"}
 
     def __init__(self, server, variant="gce"):
@@ -1516,7 +1517,8 @@ class Ec2Flavor(object):
         rebalance = events.get("rebalance")
         if rebalance:
             rebalance = {} if rebalance is True else dict(rebalance)
-            compiled["rebalance"] = _event_time(rebalance, started_at, "mds.ec2.events.rebalance")
+            compiled["rebalance"] = _event_time(rebalance, started_at,
+                                                "mds.ec2.events.rebalance")
         maintenance = events.get("maintenance") or []
         if isinstance(maintenance, dict):
             maintenance = [maintenance]
@@ -3143,8 +3145,8 @@ class StaticSource:
                                   "or --access-token)", status=404)
         expiry = self.expiry if self.expiry is not None else time.time() + 3600
         if expiry <= time.time():
-            raise CredentialError("the static access token expired at %s" % format_imds_time(expiry),
-                                  status=403)
+            raise CredentialError("the static access token expired at %s"
+                                  % format_imds_time(expiry), status=403)
         return Token(self._access_token, expiry)
 
     def id_token(self, audience, fmt="standard", compute_claims=None):
@@ -3206,7 +3208,8 @@ def build_credential_source(spec, signer=None, account_email=None):
         return KeyFileSource(key, token_mode=spec.get("token_mode", "oauth"), signer=signer,
                              self_signed_audience=spec.get("self_signed_audience"), **retry)
     if kind == "impersonate":
-        return ImpersonatedSource(spec.get("target") or account_email, delegates=spec.get("delegates") or (),
+        return ImpersonatedSource(spec.get("target") or account_email,
+                                  delegates=spec.get("delegates") or (),
                                   iam_endpoint_override=spec.get("iam_endpoint"),
                                   source_credentials_file=spec.get("source_credentials_file"),
                                   **retry)
