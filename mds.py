@@ -100,8 +100,8 @@ class Node:
     change to the document builds a whole new tree.
     """
 
-    __slots__ = ("name", "json_key", "kind", "value", "children", "hidden", "indexed",
-                 "json_default", "etag", "account", "_rendered")
+    __slots__ = ("name", "json_key", "kind", "value", "children", "indexed", "json_default",
+                 "etag", "account", "_rendered")
 
     def __init__(self, name, json_key, kind, value=None, children=None, indexed=False,
                  json_default=False, account=None):
@@ -110,7 +110,6 @@ class Node:
         self.kind = kind                  # "dir" | "leaf" | a computed kind such as "token"
         self.value = value
         self.children = children if children is not None else {}
-        self.hidden = {}                  # extra spellings that resolve but are not listed
         self.indexed = indexed            # a list served as 0/, 1/, ...
         self.json_default = json_default  # served as JSON without alt=json (instance/tags)
         self.account = account
@@ -120,10 +119,6 @@ class Node:
     @property
     def is_dir(self):
         return self.kind == "dir"
-
-    def child(self, name):
-        node = self.children.get(name)
-        return node if node is not None else self.hidden.get(name)
 
     def finish(self):
         """Compute the ETag: a content hash, so it changes exactly when the content does."""
@@ -158,7 +153,7 @@ def resolve(root, segments):
     for segment in segments:
         if not node.is_dir:
             return None
-        node = node.child(segment)
+        node = node.children.get(segment)
         if node is None:
             return None
     return node
@@ -309,14 +304,15 @@ class Request:
 class Response:
     """Status, body and headers a flavor hands back to the HTTP layer."""
 
-    __slots__ = ("status", "body", "content_type", "headers", "bare")
+    __slots__ = ("status", "body", "content_type", "headers", "bare", "reason")
 
-    def __init__(self, status, body=b"", content_type=None, headers=(), bare=False):
+    def __init__(self, status, body=b"", content_type=None, headers=(), bare=False, reason=None):
         self.status = status
         self.body = body.encode() if isinstance(body, str) else body
         self.content_type = content_type
         self.headers = list(headers)
         self.bare = bare            # True: leave out the flavor's common headers
+        self.reason = reason        # None: the standard reason phrase
 
 
 _REASONS = types.MappingProxyType({s.value: s.phrase for s in http.HTTPStatus})
@@ -338,12 +334,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _dispatch(self):
         mds = self.server.mds
-        length = self.headers.get("Content-Length")
-        try:
-            body = self.rfile.read(int(length)) if length else b""
-        except ValueError:
-            body = b""
+        body = self._read_body()
+        if isinstance(body, Response):
+            self._write(body, mds)
+            return
         path, _, raw_query = self.path.partition("?")
+        if not path.isascii():
+            # Clients percent-encode; raw bytes (read as latin-1) get the same encoding, so
+            # that every flavor sees one spelling and headers built from the path stay ASCII.
+            path = urllib.parse.quote(path.encode("latin-1"), safe="/%:@!$&'()*+,;=-._~")
         request = Request(self.command, path, raw_query, self.headers, self.client_address[0],
                           self.headers.get("Host") or mds.authority, body, self.connection)
         try:
@@ -356,10 +355,44 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = _dispatch
 
+    def __getattr__(self, name):
+        # Any other method reaches the flavor too, which answers 405 with Allow (the stdlib
+        # would answer 501).
+        if name.startswith("do_"):
+            return self._dispatch
+        raise AttributeError(name)
+
+    MAX_BODY = 1 << 20      # guest attributes are small; nothing a client sends is larger
+
+    def _read_body(self):
+        """The request body, or the Response refusing it.  A refused body is left unread, so
+        the connection closes: its bytes must not be taken for the next request."""
+        refusal = None
+        length = (self.headers.get("Content-Length") or "").strip()
+        if self.headers.get("Transfer-Encoding", "identity").strip().lower() != "identity":
+            refusal = (411, "send the body with a Content-Length, not chunked")
+        elif length and not re.fullmatch(r"[0-9]+", length):
+            refusal = (400, "bad Content-Length %r" % length[:20])
+        elif length and (len(length) > 9 or int(length) > self.MAX_BODY):
+            refusal = (413, "request bodies are limited to %d bytes" % self.MAX_BODY)
+        if refusal is None:
+            return self.rfile.read(int(length)) if length else b""
+        self.close_connection = True
+        return Response(refusal[0], "%s\n" % refusal[1], "text/plain; charset=utf-8")
+
+    def handle_expect_100(self):
+        # The interim answer must leave now: with wbufsize=-1 it would wait for the final one,
+        # and the client waits for it before sending the body.
+        self.send_response_only(100)
+        self.end_headers()
+        self.wfile.flush()
+        return True
+
     def _write(self, response, mds):
         flavor = mds.flavor
         body = response.body
-        lines = ["HTTP/1.1 %d %s" % (response.status, _REASONS.get(response.status, "")),
+        lines = ["HTTP/1.1 %d %s" % (response.status,
+                                     response.reason or _REASONS.get(response.status, "")),
                  "Server: " + flavor.server_header,
                  "Date: " + mds.http_date()]
         if response.content_type:
@@ -373,8 +406,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         self.wfile.write(head if self.command == "HEAD" else head + body)
-        log.debug("%s %s %s -> %d", self.client_address[0], self.command, self.path,
-                  response.status)
+        # A request the stdlib refused (414, bad version) has no path yet.
+        log.debug("%s %s %s -> %d", self.client_address[0], self.command,
+                  getattr(self, "path", "-"), response.status)
 
     def send_error(self, code, message=None, explain=None):
         # Malformed requests are answered by the stdlib parser; keep our headers on them too.
@@ -728,11 +762,8 @@ class GceFlavor:
             else:
                 url_name = dash_case(key)
                 child_json = key if "-" not in key else camel_case(key)
-            child = self._compile_value(url_name, child_json, child_value, path + (child_json,),
-                                        accounts, raw)
-            node.children[url_name] = child
-            if url_name != key:
-                node.hidden[key] = child
+            node.children[url_name] = self._compile_value(url_name, child_json, child_value,
+                                                          path + (child_json,), accounts, raw)
         return node.finish()
 
     def _compile_value(self, name, json_key, value, path, accounts, raw=False):
@@ -831,7 +862,8 @@ class GceFlavor:
             # refuses what a proxy forwards (envoyproxy/envoy#4924).
             return self.forbidden(request, "Requests carrying X-Forwarded-For are refused.")
         path = request.path
-        flavor_ok = request.headers.get("Metadata-Flavor") == "Google"
+        # The value is compared exactly, less the whitespace HTTP allows around any value.
+        flavor_ok = (request.headers.get("Metadata-Flavor") or "").strip(" \t") == "Google"
         if path == "/":
             if self.variant == "gke" and not flavor_ok:
                 return self.forbidden(request)
@@ -874,10 +906,13 @@ class GceFlavor:
             raise BadRequest("alt=%s needs recursive=true on a directory" % alt)
         timeout = query.get("timeout_sec")
         if timeout is not None:
-            if not re.fullmatch(r"\d+", timeout.strip()):
+            digits = timeout.strip()
+            if not re.fullmatch(r"[0-9]+", digits):
                 raise BadRequest("timeout_sec must be a non-negative integer number of seconds,"
-                                 " not %r" % timeout)
-            timeout = int(timeout)
+                                 " not %r" % timeout[:40])
+            # [INFER] A timeout beyond 30 years is no timeout: wait until the value changes.
+            digits = digits.lstrip("0") or "0"
+            timeout = int(digits) if len(digits) <= 9 else None
         if true_param(query.get("wait_for_change")):
             if node.is_dir and not recursive:
                 raise BadRequest("wait_for_change on a directory needs recursive=true")
@@ -1004,6 +1039,9 @@ class GceFlavor:
                             "instance/guest-attributes/<namespace>/<key>\n",
                             "text/html; charset=UTF-8")
         namespace, key = (urllib.parse.unquote(part) for part in rest)
+        if "/" in namespace + key:
+            return Response(400, "Bad request: a guest attribute's namespace and key cannot "
+                            "contain '/'\n", "text/html; charset=UTF-8")
         self.server.update("instance/guest-attributes/%s/%s" % (namespace, key),
                            request.body.decode("utf-8", "replace"))
         return Response(200, b"", "application/text")
@@ -1219,15 +1257,20 @@ def aws_json(value):
 
 
 def availability_zone_id(region, zone):
-    """A plausible zone id ("use1-az1") for a zone; real ids are shuffled per account."""
+    """A plausible zone id ("use1-az1"; Local Zone "usw2-lax1-az1") for a zone; real ids
+    are shuffled per account."""
     parts = region.split("-")
     short = parts[0] + "".join(_REGION_DIRECTIONS.get(p, p[:1]) for p in parts[1:-1])
-    letter = zone[len(region):] or "a"
-    return "%s%s-az%d" % (short, parts[-1], max(1, ord(letter[0]) - ord("a") + 1))
+    suffix = zone[len(region):] or "a"
+    group = suffix[:-1].replace("-", "")     # a Local or Wavelength Zone's "-lax-1" part
+    return "%s%s%s-az%d" % (short, parts[-1], "-" + group if group else "",
+                            max(1, ord(suffix[-1]) - ord("a") + 1))
 
 
 def _region_of_zone(zone):
-    return re.sub(r"[a-z]+$", "", zone)
+    # "us-east-1a" and the Local Zone "us-west-2-lax-1a" are zones of us-east-1, us-west-2.
+    match = re.match(r"[a-z]{2}(?:-[a-z]+)+-\d+", zone)
+    return match.group(0) if match else re.sub(r"[a-z]+$", "", zone)
 
 
 def _hostname_suffix(region, public=False):
@@ -1532,11 +1575,12 @@ class Ec2Flavor(object):
             entry["Description"] = event.get("description", "scheduled reboot")
             entry["EventId"] = event.get("event_id") or "instance-event-0" + _stable_id(
                 "%s/%d/%s" % (entry["Code"], index, not_before), 16)
+            ends_at = None
             if event.get("duration", 1200) is not None:
-                entry["NotAfter"] = _rfc1123_short(
-                    not_before + float(event.get("duration", 1200)))
+                ends_at = not_before + float(event.get("duration", 1200))
+                entry["NotAfter"] = _rfc1123_short(ends_at)
             entry["State"] = event.get("state", "active")
-            compiled["maintenance"].append((visible_at, entry))
+            compiled["maintenance"].append((visible_at, ends_at, entry))
         lifecycle = events.get("autoscaling") or events.get("target_lifecycle_state")
         if lifecycle:
             lifecycle = {} if lifecycle is True else dict(lifecycle)
@@ -1848,15 +1892,21 @@ class Ec2Flavor(object):
                 "termination-time": format_imds_time(spot[2]),
             }
         rebalance = events.get("rebalance")
-        scheduled = [entry for at, entry in events.get("maintenance", []) if now >= at]
+        scheduled, history = [], []
+        for visible_at, ends_at, entry in events.get("maintenance", []):
+            if ends_at is not None and now >= ends_at:
+                history.append(dict(entry, State="completed"))    # done: moved to history
+            elif now >= visible_at:
+                scheduled.append(entry)
         ev = dict(root.get("events") or {})
         maintenance = dict(ev.get("maintenance") or {})
         # Listed as in the docs, but 404 while there is nothing to report: real IMDS was seen
         # answering 404 for scheduled with no events (spec §3.4); [] would be a guess.
-        for name in ("history", "scheduled"):
-            maintenance.setdefault(name, _Computed(lambda: None))
-        if scheduled:
-            maintenance["scheduled"] = aws_json(scheduled)
+        for name, entries in (("history", history), ("scheduled", scheduled)):
+            if entries:
+                maintenance[name] = aws_json(entries)
+            else:
+                maintenance.setdefault(name, _Computed(lambda: None))
         ev["maintenance"] = maintenance
         if rebalance is not None and now >= rebalance:
             ev["recommendations"] = {"rebalance": json.dumps(
@@ -1887,8 +1937,8 @@ class Ec2Flavor(object):
             raw = base64.urlsafe_b64decode(token.strip().encode("ascii"))
         except (ValueError, UnicodeEncodeError):
             return None
-        if len(raw) != 40:
-            return None
+        if len(raw) != 40 or not re.fullmatch(r"[A-Za-z0-9_-]{54}==", token.strip()):
+            return None     # b64decode skips stray characters: a mangled token must not pass
         payload, mac = raw[:16], raw[16:]
         if not hmac.compare_digest(mac, self._token_mac(payload)):
             return None
@@ -1902,11 +1952,13 @@ class Ec2Flavor(object):
             # [INFER] the Allow header of the real 405 lists OPTIONS, so it is answered.
             return Response(200, b"", EC2_TEXT, [("Allow", "OPTIONS, PUT")])
         if request.method != "PUT":
-            return Response(405, b"", EC2_TEXT, [("Allow", "OPTIONS, PUT")])
+            # The reason phrase of a real capture (spec 1.1).
+            return Response(405, b"", EC2_TEXT, [("Allow", "OPTIONS, PUT")],
+                            reason="Not Allowed")
         if request.headers.get("X-Forwarded-For") is not None:
             return ec2_error_response(403)
         ttl_text = (request.headers.get(TOKEN_TTL_HEADER) or "").strip()
-        if not re.match(r"^\d{1,6}$", ttl_text) or not 1 <= int(ttl_text) <= MAX_TOKEN_TTL:
+        if not re.fullmatch(r"[0-9]{1,12}", ttl_text) or not 1 <= int(ttl_text) <= MAX_TOKEN_TTL:
             return ec2_error_response(400)
         ttl = int(ttl_text)
         return Response(200, self._mint_token(ttl), EC2_TEXT, [(TOKEN_TTL_HEADER, str(ttl))])
@@ -2081,7 +2133,7 @@ class Ec2Flavor(object):
                         if tree.ecs_auth_token else ""))
         for kind, value in sorted(tree.events.items()):
             if kind == "maintenance":
-                for at, entry in value:
+                for at, _, entry in value:
                     lines.append("event maintenance %s visible at %s" % (entry["Code"],
                                                                          format_imds_time(at)))
             elif value:

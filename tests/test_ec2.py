@@ -148,6 +148,18 @@ def test_region_follows_configuration_everywhere(ec2):
     assert document["availabilityZone"] == "ap-southeast-2c"
 
 
+def test_a_local_zone_belongs_to_its_parent_region(ec2):
+    # Local and Wavelength Zones carry a group in their name ("us-west-2-lax-1a"); the region
+    # is still us-west-2, and SDKs take it from the identity document.
+    server = ec2(config={"ec2": {"meta-data": {"placement": {
+        "availability-zone": "us-west-2-lax-1a"}}}})
+    assert text(server, "/latest/meta-data/placement/region") == "us-west-2"
+    assert text(server, "/latest/meta-data/placement/availability-zone-id") == "usw2-lax1-az1"
+    document = json.loads(text(server, "/latest/dynamic/instance-identity/document"))
+    assert (document["region"], document["availabilityZone"]) == ("us-west-2", "us-west-2-lax-1a")
+    assert text(server, "/latest/meta-data/hostname").endswith(".us-west-2.compute.internal")
+
+
 def test_inconsistent_placement_is_refused(ec2):
     with pytest.raises(mds.ConfigError, match="not in region"):
         ec2(config={"ec2": {"meta-data": {"placement": {
@@ -268,11 +280,11 @@ def test_token_put_with_bad_ttl_is_400(ec2, ttl):
     assert status == 400
 
 
-@pytest.mark.parametrize("ttl", ["1", "21600"])
-def test_token_ttl_bounds_are_accepted(ec2, ttl):
+@pytest.mark.parametrize("ttl, seconds", [("1", "1"), ("21600", "21600"), ("0021600", "21600")])
+def test_token_ttl_bounds_are_accepted(ec2, ttl, seconds):
     server = ec2()
     status, headers, _ = call(server, "PUT", "/latest/api/token", headers={TOKEN_TTL: ttl})
-    assert status == 200 and headers[TOKEN_TTL.lower()] == ttl
+    assert status == 200 and headers[TOKEN_TTL.lower()] == seconds
 
 
 def test_token_put_with_forwarded_for_is_403(ec2):
@@ -290,6 +302,18 @@ def test_token_path_other_methods_are_405(ec2, method):
     assert status == 405
     assert headers["allow"] == "OPTIONS, PUT"
     assert body == b""
+
+
+def test_the_token_405_has_the_real_reason_phrase(ec2):
+    server = ec2()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request("GET", "/latest/api/token")
+        response = conn.getresponse()
+        response.read()
+    finally:
+        conn.close()
+    assert (response.status, response.reason) == (405, "Not Allowed")
 
 
 def test_versioned_token_path_is_403(ec2):
@@ -312,6 +336,9 @@ def test_token_use_and_rejections(ec2):
     assert get(server, "/latest/meta-data/instance-id", headers={TOKEN: "bogus"})[0] == 401
     forged = token[:-6] + ("AAAA==" if not token.endswith("AAAA==") else "BBBB==")
     assert get(server, "/latest/meta-data/instance-id", headers={TOKEN: forged})[0] == 401
+    # base64 decoding skips characters outside its alphabet; a mangled token is still refused.
+    for mangled in (token + "!!!", token[:20] + " " + token[20:], token[:20] + "." + token[20:]):
+        assert get(server, "/latest/meta-data/instance-id", headers={TOKEN: mangled})[0] == 401
     # A token from another server instance is unknown here.
     other = ec2()
     assert get(server, "/latest/meta-data/instance-id",
@@ -739,6 +766,32 @@ def test_autoscaling_lifecycle_changes_at_its_time(ec2):
     assert text(server, "/latest/meta-data/autoscaling/target-lifecycle-state") == "InService"
     time.sleep(1.2)
     assert text(server, "/latest/meta-data/autoscaling/target-lifecycle-state") == "Terminated"
+
+
+def test_a_maintenance_event_moves_to_history_once_it_is_over(ec2):
+    now = time.time()
+    server = ec2(config={"ec2": {}, "mds": {"ec2": {"events": {"maintenance": [
+        {"at": now - 7200, "starts_in": 600, "duration": 600, "event_id": "instance-event-0done"},
+        {"at": now - 60, "starts_in": 3600, "duration": None, "event_id": "instance-event-0open"},
+    ]}}}})
+    scheduled = json.loads(text(server, "/latest/meta-data/events/maintenance/scheduled"))
+    history = json.loads(text(server, "/latest/meta-data/events/maintenance/history"))
+    assert [e["EventId"] for e in scheduled] == ["instance-event-0open"]
+    assert "NotAfter" not in scheduled[0] and scheduled[0]["State"] == "active"
+    assert [(e["EventId"], e["State"]) for e in history] == [("instance-event-0done",
+                                                             "completed")]
+    assert list(history[0]) == ["NotBefore", "Code", "Description", "EventId", "NotAfter",
+                                "State"]
+
+
+def test_a_maintenance_event_leaves_scheduled_when_it_ends(ec2):
+    server = ec2(config={"ec2": {}, "mds": {"ec2": {"events": {"maintenance": [
+        {"after": 0, "starts_in": 0, "duration": 1}]}}}})
+    assert len(json.loads(text(server, "/latest/meta-data/events/maintenance/scheduled"))) == 1
+    assert get(server, "/latest/meta-data/events/maintenance/history")[0] == 404
+    time.sleep(1.2)
+    assert get(server, "/latest/meta-data/events/maintenance/scheduled")[0] == 404
+    assert len(json.loads(text(server, "/latest/meta-data/events/maintenance/history"))) == 1
 
 
 def test_runtime_update_of_imds_paths(ec2):

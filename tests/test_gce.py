@@ -189,6 +189,14 @@ def test_metadata_paths_need_the_exact_flavor_header(shared_server, value):
     assert_common_headers(reply)
 
 
+@pytest.mark.parametrize("value", ["Google ", "Google\t", " Google"])
+def test_whitespace_around_the_flavor_value_is_not_part_of_it(shared_server, value):
+    # HTTP excludes the whitespace around a field value from the value (RFC 9110 5.5).
+    reply = fetch(shared_server, V1 + "instance/name", headers={"Metadata-Flavor": value},
+                  flavor=False)
+    assert reply.status == 200 and reply.body == b"vm-1", reply
+
+
 @pytest.mark.parametrize("path", [V1 + "instance/name", V1 + "instance/service-accounts/"
                                   "default/token", "/"])
 def test_x_forwarded_for_is_forbidden_even_with_the_flavor_header(shared_server, path):
@@ -412,6 +420,17 @@ def test_other_methods_get_405_with_allow(shared_server, method):
     assert reply.status == 405, reply
     assert "GET" in [m.strip() for m in reply.header("Allow").split(",")]
     assert_common_headers(reply)
+
+
+@pytest.mark.parametrize("path", ["project/numericProjectId", "universe/universeDomain",
+                                  "instance/networkInterfaces/0/ip", "instance/machineType",
+                                  "instance/serviceAccounts/default/email"])
+def test_camel_case_spellings_exist_only_in_recursive_json(shared_server, path):
+    # A key copied from the recursive JSON into a URL is a 404 on a real VM, so here too.
+    reply = fetch(shared_server, V1 + path)
+    assert reply.status == 404, reply
+    dashed = re.sub(r"(?<=[a-z])([A-Z])", lambda m: "-" + m.group(1).lower(), path)
+    assert fetch(shared_server, V1 + dashed).status == 200, dashed
 
 
 # ---- recursive and alt ----------------------------------------------------------------------
@@ -646,6 +665,16 @@ class Waiter(threading.Thread):
         return self.reply
 
 
+def wait_for_update(server, query_path, key, value):
+    """Start a hanging GET, check it hangs, make the update, return the answer."""
+    waiter = Waiter(server, query_path)
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive(), "answered before anything changed: %r" % waiter.reply
+    server.update(key, value)
+    return waiter.result()
+
+
 def test_wait_on_a_leaf_returns_the_new_value_after_an_update(server):
     path = V1 + "instance/attributes/alpha"
     etag = get(server, path).header("ETag")
@@ -755,6 +784,25 @@ def test_bad_timeout_sec_is_a_bad_request_with_a_reason(shared_server, value):
     assert_common_headers(reply)
 
 
+@pytest.mark.parametrize("digits", ["9" * 12, "9" * 400, "9" * 5000])
+def test_an_enormous_timeout_sec_waits_for_the_change(server, digits):
+    # Read as "wait until it changes", never a 5xx (which clients retry) or a 400.
+    path = V1 + "instance/attributes/alpha"
+    assert fetch(server, path + "?timeout_sec=" + digits).body == b"first"
+    etag = get(server, path).header("ETag")
+    reply = wait_for_update(server, path + "?wait_for_change=true&timeout_sec=" + digits
+                            + "&last_etag=" + etag, "instance/attributes/alpha", "changed")
+    assert reply.status == 200 and reply.body == b"changed", reply
+
+
+def test_timeout_sec_with_leading_zeros_is_its_number(shared_server):
+    path = V1 + "project/project-id"
+    etag = get(shared_server, path).header("ETag")
+    reply = fetch(shared_server, path + "?wait_for_change=true&timeout_sec=" + "0" * 30 + "1"
+                  + "&last_etag=" + etag)
+    assert reply.status == 200 and reply.body == b"my-proj", reply
+
+
 def test_deleting_the_waited_on_key_answers_404(server):
     path = V1 + "instance/attributes/beta-key"
     etag = get(server, path).header("ETag")
@@ -774,6 +822,27 @@ def test_guest_agent_style_whole_tree_wait(shared_server):
                   "&wait_for_change=true", timeout=10)
     assert reply.status == 200
     assert reply.json()["instance"]["id"] == INSTANCE_ID
+
+
+# ---- guest attributes -----------------------------------------------------------------------
+
+
+def test_the_guest_agent_puts_guest_attributes(server):
+    path = V1 + "instance/guest-attributes/hostkeys/ssh-ed25519"
+    reply = fetch(server, path, method="PUT", body=b"AAAAC3Nz key")
+    assert reply.status == 200, reply
+    assert get(server, path).body == b"AAAAC3Nz key"
+    assert get(server, V1 + "instance/guest-attributes/hostkeys/").body == b"ssh-ed25519\n"
+
+
+@pytest.mark.parametrize("rest", ["a%2Fb/key", "ns/k%2Fey", "ns", "ns/key/extra"])
+def test_a_guest_attribute_is_a_namespace_and_a_key(server, rest):
+    listing = V1 + "instance/guest-attributes/?recursive=true"
+    before = fetch(server, listing)
+    reply = fetch(server, V1 + "instance/guest-attributes/" + rest, method="PUT", body=b"x")
+    assert reply.status == 400, reply
+    after = fetch(server, listing)
+    assert (after.status, after.body) == (before.status, before.body)
 
 
 # ---- timed events: preemption and maintenance ---------------------------------------------

@@ -228,6 +228,97 @@ def test_no_stderr_line_per_request_at_the_default_log_level(cli_server):
     assert server.stderr() == before
 
 
+def raw_exchange(port, data, timeout=10):
+    """Send raw bytes on a fresh connection; return everything read until the server closes."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        sock.sendall(data)
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("framing, status", [
+    (b"Content-Length: 99999999999999\r\n", b"413"),
+    (b"Content-Length: 2000000\r\n", b"413"),
+    (b"Content-Length: -1\r\n", b"400"),
+    (b"Content-Length: 12abc\r\n", b"400"),
+    (b"Transfer-Encoding: chunked\r\n", b"411"),
+])
+def test_a_body_the_server_will_not_read_is_refused_and_the_connection_closed(cli_server,
+                                                                             framing, status):
+    server = cli_server("--log-level", "debug")
+    # The bytes after the head would be taken for a second request on a connection that
+    # stayed open; the server must answer once and close instead of reading or hanging.
+    answer = raw_exchange(server.port, b"PUT " + V1.encode() + b"instance/guest-attributes/"
+                          b"ns/key HTTP/1.1\r\nHost: x\r\nMetadata-Flavor: Google\r\n"
+                          + framing + b"\r\n5\r\nhello\r\n0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
+    assert answer.count(b"HTTP/1.1 ") == 1, answer
+    assert b"Connection: close" in answer and b"Metadata-Flavor: Google" in answer
+    assert fetch(server.port, V1 + "instance/guest-attributes/")[1] == b""   # nothing stored
+    assert "Traceback" not in server.stderr()
+
+
+def test_expect_100_continue_is_answered_before_the_body_is_sent(gce_server):
+    sock = socket.create_connection(("127.0.0.1", gce_server.port), timeout=10)
+    try:
+        sock.sendall(b"PUT " + V1.encode() + b"instance/guest-attributes/ns/expect HTTP/1.1\r\n"
+                     b"Host: x\r\nMetadata-Flavor: Google\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: 5\r\n\r\n")
+        # The client holds its body back until the interim answer arrives (curl does).
+        interim = sock.recv(4096)
+        assert interim.startswith(b"HTTP/1.1 100"), interim
+        sock.sendall(b"value")
+        final = sock.recv(4096)
+        assert final.startswith(b"HTTP/1.1 200"), final
+    finally:
+        sock.close()
+    assert fetch(gce_server.port, V1 + "instance/guest-attributes/ns/expect")[1] == b"value"
+
+
+@pytest.mark.parametrize("flavor, allow", [("gce", b"Allow: GET"), ("ec2", b"Allow: GET, HEAD")])
+def test_unknown_methods_get_the_flavors_405(mds_server_factory, flavor, allow):
+    server = mds_server_factory(flavor=flavor)
+    path = V1 + "project/project-id" if flavor == "gce" else "/latest/meta-data/instance-id"
+    answer = raw_exchange(server.port, b"FROB " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                          b"Metadata-Flavor: Google\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 405 "), answer[:200]
+    assert allow + b"\r\n" in answer
+
+
+@pytest.mark.parametrize("request_line", [
+    b"GET /" + b"a" * 70000 + b" HTTP/1.1",      # too long: 414
+    b"GET / HTTP/2.0",                           # unsupported version: 505
+    b"GET / FOO/1.1",                            # bad version: 400
+])
+def test_requests_the_stdlib_refuses_leave_no_traceback(cli_server, request_line):
+    server = cli_server("--log-level", "debug")
+    answer = raw_exchange(server.port, request_line + b"\r\nHost: x\r\n\r\n")
+    assert re.match(rb"HTTP/1.1 (414|505|400) ", answer), answer[:200]
+    assert b"Metadata-Flavor: Google" in answer
+    assert fetch(server.port, "/")[0] == 200
+    time.sleep(0.2)
+    log = server.stderr()
+    assert "Traceback" not in log and "error serving" not in log, log
+
+
+def test_raw_utf8_in_a_path_means_what_its_percent_encoding_means(mds_server_factory):
+    server = mds_server_factory(config={"computeMetadata": {"v1": {"instance": {
+        "attributes": {"café": "crème"}}}}})
+    encoded = fetch(server.port, V1 + "instance/attributes/caf%C3%A9")
+    raw = raw_exchange(server.port, b"GET " + V1.encode() + "instance/attributes/café".encode()
+                       + b" HTTP/1.1\r\nHost: x\r\nMetadata-Flavor: Google\r\n"
+                       b"Connection: close\r\n\r\n")
+    assert encoded == (200, "crème".encode())
+    assert raw.startswith(b"HTTP/1.1 200") and raw.endswith("crème".encode()), raw
+
+
 # ---- many waiters ---------------------------------------------------------------------------
 
 
