@@ -338,7 +338,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if isinstance(body, Response):
             self._write(body, mds)
             return
-        path, _, raw_query = self.path.partition("?")
+        target = self.path
+        if target.startswith(("http://", "https://")):
+            # The absolute form a client sends through a proxy; servers must accept it.
+            target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
+        path, _, raw_query = target.partition("?")
         if not path.isascii():
             # Clients percent-encode; raw bytes (read as latin-1) get the same encoding, so
             # that every flavor sees one spelling and headers built from the path stay ASCII.

@@ -308,6 +308,17 @@ def test_requests_the_stdlib_refuses_leave_no_traceback(cli_server, request_line
     assert "Traceback" not in log and "error serving" not in log, log
 
 
+@pytest.mark.parametrize("target", [b"http://169.254.169.254/computeMetadata/v1/project/"
+                                    b"project-id", b"http://metadata.google.internal:80/"
+                                    b"computeMetadata/v1/project/project-id?alt=text"])
+def test_the_absolute_form_of_a_request_target_is_accepted(gce_server, target):
+    # RFC 9112 3.2.2: a server must accept it (clients send it through a proxy).
+    answer = raw_exchange(gce_server.port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n"
+                          b"Metadata-Flavor: Google\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert answer.endswith(b"\r\n\r\n" + fetch(gce_server.port, V1 + "project/project-id")[1])
+
+
 def test_raw_utf8_in_a_path_means_what_its_percent_encoding_means(mds_server_factory):
     server = mds_server_factory(config={"computeMetadata": {"v1": {"instance": {
         "attributes": {"café": "crème"}}}}})
