@@ -970,7 +970,12 @@ class GceFlavor:
                                                                request.query.get("scopes", ""))
                                   if s.strip()}))
         source = account.source
-        scopes = requested if requested and source.honours_scopes else account.scopes
+        if requested and source.honours_scopes:
+            scopes = requested
+        elif not requested and getattr(source, "unscoped_audience", None):
+            scopes = ()         # the source mints an audience-bound token instead
+        else:
+            scopes = account.scopes
         try:
             token = self.server.tokens.get(("access", source, account.email, scopes),
                                            lambda: source.access_token(scopes))
@@ -995,14 +1000,13 @@ class GceFlavor:
         licenses = fmt == "full" and true_param(request.query.get("licenses"))
         account = node.account
         source = account.source
-
-        def mint():       # the claims are only needed when a token is actually minted
-            claims = self.compute_engine_claims(tree, licenses) if fmt == "full" else None
-            return source.id_token(audience, fmt, claims)
-
+        claims = self.compute_engine_claims(tree, licenses) if fmt == "full" else None
         try:
+            # The claims are part of the key: a reload that renames the instance or project
+            # must not keep serving tokens that say otherwise.
             token = self.server.tokens.get(
-                ("identity", source, account.email, audience, fmt, licenses), mint)
+                ("identity", source, account.email, audience, fmt, canonical_json(claims)),
+                lambda: source.id_token(audience, fmt, claims))
         except CredentialError as exc:
             return self.credential_failure(exc, account)
         body = token.value.encode()
@@ -1013,17 +1017,19 @@ class GceFlavor:
         instance = tree.v1.get("instance") or {}
         project = tree.v1.get("project") or {}
         claims = {
-            "instance_creation_timestamp": int(self.server.settings.get(
-                "instanceCreationTimestamp", self.server.started_at)),
+            "instance_creation_timestamp": _whole_number(self.server.settings.get(
+                "instanceCreationTimestamp"), int(self.server.started_at)),
             "instance_id": str(instance.get("id", "")),
-            "instance_name": instance.get("name", ""),
-            "project_id": project.get("projectId", ""),
-            "project_number": project.get("numericProjectId", 0),
+            "instance_name": str(instance.get("name", "")),
+            "project_id": str(project.get("projectId", "")),
+            # A number in the token even when the config holds it as text (verifiers type it).
+            "project_number": _whole_number(project.get("numericProjectId"), 0),
             "zone": str(instance.get("zone", "")).rsplit("/", 1)[-1],
         }
         if licenses:
-            claims["license_id"] = [str(item.get("id")) for item in instance.get("licenses", [])
-                                    if isinstance(item, dict)]
+            claims["license_id"] = [str(item.get("id") if isinstance(item, dict) else item)
+                                    for item in instance.get("licenses") or []
+                                    if not isinstance(item, dict) or item.get("id") is not None]
         return claims
 
     def credential_failure(self, exc, account):
@@ -1083,6 +1089,18 @@ class GceFlavor:
             dash_case(key), value, format_imds_time(start),
             "" if end is None else " until " + format_imds_time(end))
             for start, end, key, value in self.server.store.tree.events]
+
+
+def _whole_number(value, default):
+    """An int from a number or digit text (a config value), else `default`."""
+    if isinstance(value, bool):
+        return default
+    if isinstance(value, (int, float)):
+        return int(value) if math.isfinite(value) else default
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        return default
 
 
 def _primary_email(accounts):
@@ -2240,55 +2258,99 @@ class TokenCache:
     A token is handed out unchanged until fewer than `margin` seconds remain (the real server's
     5 minutes).  Before that, once fewer than `refresh_ahead` seconds remain, the next token is
     fetched in the background and kept aside, so the swap at the 5-minute mark never waits on
-    an upstream.  At most one mint per key is in flight, however many requests arrive cold.
+    an upstream.  A token that lives less than twice the margin uses half its lifetime as its
+    margin instead.  At most one mint per key is in flight, however many requests arrive cold,
+    and expired entries are dropped, so the cache stays as small as the tokens in use.
     """
+
+    MAX_ENTRIES = 10000
 
     def __init__(self, margin=300, refresh_ahead=600, clock=time.time):
         self.margin = margin
         self.refresh_ahead = refresh_ahead
         self.clock = clock
-        self._tokens = {}
-        self._staged = {}
-        self._locks = {}
-        self._failures = {}
+        self._tokens = {}          # key -> (token, usable until, refresh from)
+        self._staged = {}          # key -> the same, fetched ahead of the swap
+        self._locks = {}           # key -> [lock, users]: only while someone uses the key
+        self._failures = {}        # key -> (retry at, tries, exception)
         self._refreshing = set()
         self._guard = threading.Lock()
+        self._next_prune = 0.0
 
-    def _lock(self, key):
+    def _acquire(self, key):
         with self._guard:
-            lock = self._locks.get(key)
-            if lock is None:
-                lock = self._locks[key] = threading.Lock()
-            return lock
+            entry = self._locks.get(key)
+            if entry is None:
+                entry = self._locks[key] = [threading.Lock(), 0]
+            entry[1] += 1
+        entry[0].acquire()
+        return entry
+
+    def _release(self, key, entry):
+        entry[0].release()
+        with self._guard:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._locks[key]
+
+    def _entry(self, token, now):
+        lifetime = max(0.0, token.expiry - now)
+        margin = min(self.margin, lifetime / 2)
+        ahead = margin + min(self.refresh_ahead - self.margin, lifetime / 4)
+        return (token, token.expiry - margin, token.expiry - ahead)
 
     def get(self, key, mint):
-        token = self._tokens.get(key)
+        entry = self._tokens.get(key)
         now = self.clock()
-        if token is not None and token.expiry - now >= self.margin:
-            if token.expiry - now < self.refresh_ahead and key not in self._staged and \
-                    self._may_try(key, now):
+        if entry is not None and now <= entry[1]:
+            if now > entry[2] and key not in self._staged and self._may_try(key, now):
                 self._refresh_in_background(key, mint)
-            return token
-        with self._lock(key):
-            token = self._tokens.get(key)
+            return entry[0]
+        lock = self._acquire(key)
+        try:
+            # A background refresh of this key holds the lock while it mints: waiting for it
+            # here means one upstream call, not two.
+            entry = self._tokens.get(key)
             now = self.clock()
-            if token is not None and token.expiry - now >= self.margin:
-                return token
+            if entry is not None and now <= entry[1]:
+                return entry[0]
+            token = entry[0] if entry is not None else None
             staged = self._staged.pop(key, None)
-            if staged is not None and staged.expiry - now >= self.margin:
+            if staged is not None and now <= staged[1]:
                 self._tokens[key] = staged
-                return staged
+                return staged[0]
             if not self._may_try(key, now):
                 return self._fallback(token, now, self._failures[key][2])
             try:
-                fresh = mint()
+                fresh = _mint_checked(mint)
             except CredentialError as exc:
                 failed = self.clock()
                 self._record_failure(key, now, failed, exc)
                 return self._fallback(token, failed, exc)
             self._failures.pop(key, None)
-            self._tokens[key] = fresh
+            self._tokens[key] = self._entry(fresh, self.clock())
+            self._prune(now)
             return fresh
+        finally:
+            self._release(key, lock)
+
+    def _prune(self, now):
+        # Tokens nobody asked for again lapse; an audience per request must not grow the cache
+        # without bound.
+        if now < self._next_prune and len(self._tokens) <= self.MAX_ENTRIES:
+            return
+        self._next_prune = now + 60
+        for key in [k for k, e in list(self._tokens.items()) if e[0].expiry <= now]:
+            self._tokens.pop(key, None)
+            self._staged.pop(key, None)
+        for key in [k for k, f in list(self._failures.items()) if f[0] <= now
+                    and k not in self._tokens]:
+            self._failures.pop(key, None)
+        if len(self._tokens) > self.MAX_ENTRIES:
+            by_expiry = sorted(list(self._tokens.items()), key=lambda item: item[1][0].expiry)
+            for key, _ in by_expiry[:len(by_expiry) - self.MAX_ENTRIES]:
+                self._tokens.pop(key, None)
+                self._staged.pop(key, None)
 
     def _may_try(self, key, now):
         failure = self._failures.get(key)
@@ -2320,20 +2382,37 @@ class TokenCache:
             self._refreshing.add(key)
 
         def refresh():
-            started = self.clock()
+            lock = self._acquire(key)
             try:
-                fresh = mint()
-                with self._lock(key):
-                    self._staged[key] = fresh
-                    self._failures.pop(key, None)
+                started = self.clock()
+                fresh = _mint_checked(mint)
+                self._staged[key] = self._entry(fresh, self.clock())
+                self._failures.pop(key, None)
             except CredentialError as exc:
                 self._record_failure(key, started, self.clock(), exc)
                 log.warning("background token refresh failed (will retry): %s", exc)
             finally:
+                self._release(key, lock)
                 with self._guard:
                     self._refreshing.discard(key)
 
         threading.Thread(target=refresh, name="mds-refresh", daemon=True).start()
+
+
+def _mint_checked(mint):
+    """mint(), with any failure a CredentialError: a bug or an odd upstream answer must back
+    off and answer 5xx like any upstream failure, not hammer the upstream with 500s."""
+    try:
+        token = mint()
+        if not isinstance(token.expiry, (int, float)) or not math.isfinite(token.expiry):
+            raise ValueError("the token has no usable expiry")
+        return token
+    except CredentialError:
+        raise
+    except Exception as exc:
+        log.debug("minting a token failed", exc_info=True)
+        raise CredentialError("minting the token failed: %s: %s"
+                              % (type(exc).__name__, _redact(exc)), status=500) from None
 
 
 class OfflineSource:
@@ -2486,11 +2565,29 @@ _SECRET_PATTERNS = (
 )
 
 
+_URL_BEFORE_QUERY = re.compile(r"https?://[^\s?#]+")
+
+
 def _redact(text, limit=300):
-    """Upstream text made safe to quote: secrets masked, length bounded."""
-    text = str(text)
+    """Upstream text made safe to quote: secrets masked, length bounded.  URLs keep their
+    scheme, host and path, so an error still names the endpoint (their queries are masked)."""
+    urls = []
+
+    def set_aside(match):
+        # Kept readable, but never its userinfo, nor a token-shaped piece of its path; only
+        # the catch-all for long opaque runs is skipped (an IAM path is one).
+        scheme, _, rest = match.group(0).partition("://")
+        authority, slash, path = rest.partition("/")
+        url = "%s://%s%s%s" % (scheme, re.sub(r"^.*@", "[redacted]@", authority), slash, path)
+        for pattern in _SECRET_PATTERNS[:-1]:
+            url = pattern.sub("[redacted]", url)
+        urls.append(url)
+        return "\x00%d\x00" % (len(urls) - 1)
+
+    text = _URL_BEFORE_QUERY.sub(set_aside, str(text).replace("\x00", ""))
     for pattern in _SECRET_PATTERNS:
         text = pattern.sub("[redacted]", text)
+    text = re.sub("\x00(\\d+)\x00", lambda match: urls[int(match.group(1))], text)
     text = " ".join(text.split())
     if len(text) > limit:
         text = text[:limit] + "..."
@@ -2729,6 +2826,8 @@ class KeyFileSource:
         self.unique_id = str(info.get("client_id") or self.email)
         self.token_mode = token_mode
         self.self_signed_audience = self_signed_audience
+        # A request without ?scopes= gets a token for this audience instead of the VM's scopes.
+        self.unscoped_audience = self_signed_audience if token_mode == "self-signed" else None
         self.timeout = timeout
         self.retry_delays = tuple(retry_delays)
         self.budget = budget
@@ -2775,12 +2874,16 @@ class KeyFileSource:
         if not isinstance(value, str) or not value:
             raise CredentialError("access token for %s: %s answered without access_token"
                                   % (self.email, _url_host(self.token_uri)), status=502)
-        expires_in = answer.get("expires_in", 3600)
         try:
-            expires_in = int(expires_in)
+            expires_in = float(answer.get("expires_in", 3600))
         except (TypeError, ValueError):
-            expires_in = 3600
-        return Token(value, now + expires_in)
+            expires_in = 3600.0
+        if not 0 < expires_in < math.inf:
+            raise CredentialError("access token for %s: %s answered with an unusable expires_in"
+                                  % (self.email, _url_host(self.token_uri)), status=502)
+        # Google's access tokens last at most 12 hours; a longer promise is not believed
+        # (Java clients reject an expires_in beyond 32 bits).
+        return Token(value, now + min(expires_in, 43200))
 
     def _self_signed_access_token(self, scopes):
         # google-auth's self-signed JWT (service_account._create_self_signed_jwt): iss = sub =
@@ -2977,8 +3080,8 @@ class ImpersonatedSource:
         self.timeout = timeout
         self.retry_delays = tuple(retry_delays)
         self.budget = budget
-        # google-auth credentials objects are not thread-safe; the cache single-flights per
-        # (account, scopes) but two scope sets may refresh at once.
+        # The shared source credentials are refreshed by one thread at a time; each mint then
+        # runs on its own impersonated credentials, so scope sets do not queue behind each other.
         self._lock = threading.Lock()
         if source_credentials is None:
             source_credentials = self._load_source(google_auth, source_credentials_file)
@@ -3017,8 +3120,9 @@ class ImpersonatedSource:
         def refresh(transport):
             # impersonated.Credentials works on a copy of its source credentials; refreshing
             # the shared source first lets every mint reuse one source access token.
-            if not self._source.valid:
-                self._source.refresh(transport)
+            with self._lock:
+                if not self._source.valid:
+                    self._source.refresh(transport)
             credentials = impersonated.Credentials(
                 source_credentials=self._source, target_principal=self.email,
                 target_scopes=wanted, delegates=_iam_delegates(self.delegates),
@@ -3028,16 +3132,15 @@ class ImpersonatedSource:
             credentials.refresh(transport)
             return Token(credentials.token, _datetime_to_epoch(credentials.expiry))
 
-        deadline = mint_deadline(self.budget)
-        with self._lock:
-            return _run_google_auth(refresh, "impersonating %s" % self.email, self.timeout,
-                                    self.retry_delays, deadline)
+        return _run_google_auth(refresh, "impersonating %s" % self.email, self.timeout,
+                                self.retry_delays, mint_deadline(self.budget))
 
     def _source_token(self, deadline):
         def refresh(transport):
-            if not self._source.valid:
-                self._source.refresh(transport)
-            return self._source.token
+            with self._lock:
+                if not self._source.valid:
+                    self._source.refresh(transport)
+                return self._source.token
 
         return _run_google_auth(refresh, "refreshing the source credentials for %s"
                                 % self.email, self.timeout, self.retry_delays, deadline)
@@ -3045,8 +3148,7 @@ class ImpersonatedSource:
     def id_token(self, audience, fmt="standard", compute_claims=None):
         # IAM-issued id tokens are Google-signed; format=full claims cannot be added.
         deadline = mint_deadline(self.budget)
-        with self._lock:
-            bearer = self._source_token(deadline)
+        bearer = self._source_token(deadline)
         return _generate_id_token(
             _iam_account_url(self.iam_base, self.email, "generateIdToken"), bearer, audience,
             self.delegates, "id token for %s" % self.email, self.timeout, self.retry_delays,
@@ -3139,11 +3241,10 @@ class FederatedSource:
             credentials.refresh(transport)
             return Token(credentials.token, _datetime_to_epoch(credentials.expiry))
 
-        deadline = mint_deadline(self.budget)
-        with self._lock:
-            return _run_google_auth(refresh, "federated token%s" % (
-                " for %s" % self.email if self.email else ""), self.timeout, self.retry_delays,
-                deadline)
+        # `credentials` is this call's own copy: mints for other scope sets run alongside.
+        return _run_google_auth(refresh, "federated token%s" % (
+            " for %s" % self.email if self.email else ""), self.timeout, self.retry_delays,
+            mint_deadline(self.budget))
 
     def id_token(self, audience, fmt="standard", compute_claims=None):
         if not self.email:

@@ -244,6 +244,16 @@ def test_key_file_client_errors_name_the_cause_without_secrets(
     assert source.access_token((CLOUD_PLATFORM,)).value in fake.issued_tokens
 
 
+def test_redaction_keeps_endpoint_names_but_not_secrets_in_them():
+    iam = ("http://127.0.0.1:4545/v1/projects/-/serviceAccounts/sa-name@fake-project.iam."
+           "gserviceaccount.com:generateAccessToken")
+    text = mds._redact("error reaching %s?access_token=ya29.%s: boom; proxy "
+                       "http://bob:hunter2hunter2@proxy:3128/ and %s" % (iam, "x" * 50, "Q" * 60))
+    assert iam in text and "boom" in text
+    assert "ya29" not in text and "hunter2" not in text and "Q" * 40 not in text
+    assert "eyJ" not in mds._redact("https://host/p/eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiIxIn0.c2ln")
+
+
 def test_key_file_transient_errors_are_retried(fake, key_file, caplog):
     source = mds.KeyFileSource(key_file[0], retry_delays=FAST_RETRIES)
     fake.fail_next(1, 503)
@@ -415,6 +425,33 @@ def test_an_unusable_google_answer_is_reported_without_its_body(fake, user_crede
             source.access_token((STORAGE_READ,))
     assert UNPARSEABLE_200_TOKEN not in str(caught.value)
     assert all(UNPARSEABLE_200_TOKEN not in record.getMessage() for record in caplog.records)
+
+def test_impersonated_scope_sets_do_not_queue_behind_each_other(fake, user_credentials):
+    """Each mint runs on its own credentials: with a slow IAM, three scope sets asked for at
+    once all finish inside one mint's deadline (one after another, the third would not)."""
+    target = fake.add_service_account()
+    source = mds.ImpersonatedSource(target.email, source_credentials=user_credentials,
+                                    iam_endpoint_override=fake.url, retry_delays=FAST_RETRIES)
+    fake.delay = 3.5
+    results = {}
+
+    def mint(name, call):
+        try:
+            results[name] = call()
+        except mds.CredentialError as exc:
+            results[name] = exc
+
+    calls = {"storage": lambda: source.access_token((STORAGE_READ,)),
+             "pubsub": lambda: source.access_token((PUBSUB,)),
+             "identity": lambda: source.id_token("https://run.example.com")}
+    threads = [threading.Thread(target=mint, args=item) for item in calls.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert all(isinstance(value, mds.Token) for value in results.values()), results
+    assert fake.count("token:refresh") == 1      # the shared ADC was refreshed once
+
 
 def test_impersonation_uses_application_default_credentials(fake, tmp_path, monkeypatch):
     # ADC here is a service-account key (google-auth honours its token_uri); the target is
@@ -843,6 +880,62 @@ def test_upstream_failures_answer_with_the_cause_and_recover(
                                 {"audience": AUDIENCE})
     assert status == 502 and "network error" in body
     assert_secret_free(body + caplog.text, *key_secrets(account))
+
+
+def test_a_self_signed_audience_serves_requests_without_scopes(fake, tmp_path,
+                                                              mds_server_factory):
+    import google.auth.jwt
+
+    path, account = fake.write_key_file(tmp_path)
+    audience = "https://pubsub.googleapis.com/"
+    server = mds_server_factory(config=vm_document({account.email: (
+        [CLOUD_PLATFORM], {"type": "key-file", "path": path, "token_mode": "self-signed",
+                           "self_signed_audience": audience})}))
+    status, body = metadata_get(server, "instance/service-accounts/default/token")
+    assert status == 200, body
+    claims = google.auth.jwt.decode(json.loads(body)["access_token"],
+                                    certs=_fake_cert_for(fake, account), audience=audience)
+    assert claims["aud"] == audience and "scope" not in claims
+    status, body = metadata_get(server, "instance/service-accounts/default/token",
+                                {"scopes": PUBSUB})
+    claims = google.auth.jwt.decode(json.loads(body)["access_token"],
+                                    certs=_fake_cert_for(fake, account))
+    assert claims["scope"] == PUBSUB and "aud" not in claims
+    assert fake.count() == 0
+
+
+def test_an_unusable_expires_in_from_google_is_a_502_that_backs_off(fake, tmp_path,
+                                                                   mds_server_factory):
+    path, account = fake.write_key_file(tmp_path)
+    server = mds_server_factory(config=vm_document(
+        {account.email: ([CLOUD_PLATFORM], {"type": "key-file", "path": path})}))
+    fake.access_token_lifetime = float("inf")          # sent as JSON Infinity
+    for _ in range(3):
+        status, body = metadata_get(server, "instance/service-accounts/default/token")
+        assert status == 502 and "expires_in" in body, body
+    assert fake.count("token:jwt-bearer") == 1
+
+
+def test_a_lifetime_beyond_twelve_hours_is_not_believed(fake, tmp_path, mds_server_factory):
+    path, account = fake.write_key_file(tmp_path)
+    server = mds_server_factory(config=vm_document(
+        {account.email: ([CLOUD_PLATFORM], {"type": "key-file", "path": path})}))
+    fake.access_token_lifetime = 10 ** 13
+    status, body = metadata_get(server, "instance/service-accounts/default/token")
+    assert status == 200, body
+    assert 43000 < json.loads(body)["expires_in"] <= 43200
+
+
+def test_a_short_lived_upstream_token_is_reused_for_half_its_life(fake, tmp_path,
+                                                                 mds_server_factory):
+    path, account = fake.write_key_file(tmp_path)
+    server = mds_server_factory(config=vm_document(
+        {account.email: ([CLOUD_PLATFORM], {"type": "key-file", "path": path})}))
+    fake.access_token_lifetime = 250                 # shorter than the 5-minute margin
+    tokens = {json.loads(metadata_get(server, "instance/service-accounts/default/token")[1])
+              ["access_token"] for _ in range(10)}
+    assert len(tokens) == 1
+    assert fake.count("token:jwt-bearer") == 1
 
 
 @pytest.fixture

@@ -1197,6 +1197,50 @@ def test_a_quick_failure_backs_off_one_second_then_doubles():
             cache.get("key", refused)
         assert len(calls) == tries, (wait, calls)
 
+
+
+def test_a_request_at_the_mark_waits_for_the_refresh_already_running():
+    clock = FakeClock()
+    cache = mds.TokenCache(clock=clock)
+    mint = CountingMint(clock, delay=0.5)
+    first = cache.get("key", mint)
+    clock.now = first.expiry - 500             # starts the background refresh
+    assert cache.get("key", mint).value == first.value
+    time.sleep(0.1)
+    clock.now = first.expiry - 299             # past the mark while it is still running
+    assert cache.get("key", mint).value == "token-2"
+    settle_background_refreshes()
+    assert mint.calls == 2
+
+
+def test_expired_entries_and_idle_locks_are_dropped():
+    clock = FakeClock()
+    cache = mds.TokenCache(clock=clock)
+    mint = CountingMint(clock, lifetime=600)
+    for number in range(100):
+        cache.get(("identity", "audience-%d" % number), mint)
+    assert cache._locks == {}                  # a key's lock lives only while it is used
+    clock.now += 3600
+    cache.get(("identity", "one-more"), mint)
+    assert list(cache._tokens) == [("identity", "one-more")]
+
+
+def test_an_unexpected_mint_failure_is_a_500_that_backs_off():
+    clock = FakeClock()
+    cache = mds.TokenCache(clock=clock)
+    calls = []
+
+    def broken():
+        calls.append(clock())
+        raise OverflowError("cannot convert float infinity to integer")
+
+    for _ in range(3):
+        with pytest.raises(mds.CredentialError) as failed:
+            cache.get("key", broken)
+        assert failed.value.status == 500 and "OverflowError" in str(failed.value)
+    assert len(calls) == 1
+
+
 def test_fifty_concurrent_cold_token_requests_mint_exactly_once(server):
     source = primary_source(server)
     original = source.access_token
@@ -1295,6 +1339,38 @@ def test_identity_licenses_true_adds_license_ids(shared_server, licenses):
 def test_identity_licenses_false_has_no_license_ids(shared_server):
     claims = jwt_parts(identity(shared_server, "audience=a&format=full&licenses=FALSE"))[1]
     assert "license_id" not in claims["google"]["compute_engine"]
+
+
+def test_full_identity_tokens_follow_a_reload(mds_server_factory, tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(DOCUMENT))
+    server = mds_server_factory(config=str(config))
+    engine = jwt_parts(identity(server, "audience=a&format=full"))[1]["google"]["compute_engine"]
+    assert (engine["project_id"], engine["instance_name"]) == ("my-proj", "vm-1")
+    renamed = copy.deepcopy(DOCUMENT)
+    renamed["computeMetadata"]["v1"]["instance"]["name"] = "vm-2"
+    renamed["computeMetadata"]["v1"]["project"]["projectId"] = "other-proj"
+    config.write_text(json.dumps(renamed))
+    assert server.reload()
+    engine = jwt_parts(identity(server, "audience=a&format=full"))[1]["google"]["compute_engine"]
+    assert (engine["project_id"], engine["instance_name"]) == ("other-proj", "vm-2")
+
+
+@pytest.mark.parametrize("instance_changes, project_number, license_ids", [
+    ({"licenses": None}, PROJECT_NUMBER, []),
+    ({"licenses": ["1000301", {"id": "1000302"}]}, PROJECT_NUMBER, ["1000301", "1000302"]),
+    ({}, str(PROJECT_NUMBER), ["1000201", "1000202"]),
+])
+def test_full_identity_claims_keep_their_types_whatever_the_config_holds(
+        mds_server_factory, instance_changes, project_number, license_ids):
+    document = copy.deepcopy(DOCUMENT)
+    document["computeMetadata"]["v1"]["instance"].update(instance_changes)
+    document["computeMetadata"]["v1"]["project"]["numericProjectId"] = project_number
+    server = mds_server_factory(config=document)
+    engine = jwt_parts(identity(server, "audience=a&format=full&licenses=TRUE"))[1][
+        "google"]["compute_engine"]
+    assert engine["project_number"] == PROJECT_NUMBER      # a number, as verifiers expect
+    assert engine["license_id"] == license_ids
 
 
 def google_request():
