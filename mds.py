@@ -627,6 +627,9 @@ class GceFlavor:
             raise ConfigError("the document must be a JSON object")
         top = document.get("computeMetadata")
         if top is None:
+            if set(document) - {"mds"}:
+                raise ConfigError('the document has no "computeMetadata" (it has %s)'
+                                  % ", ".join(sorted(map(repr, set(document) - {"mds"}))))
             top = default_gce_document()["computeMetadata"]
         if not isinstance(top, dict) or not isinstance(top.get("v1"), dict):
             raise ConfigError('expected {"computeMetadata": {"v1": {...}}}')
@@ -822,12 +825,13 @@ class GceFlavor:
         accounts = instance.setdefault("serviceAccounts", {})
         current = _primary_email(accounts)
         wanted = identity.get("service_account")
-        key_email = identity.get("key_file_email")
-        if not wanted and key_email:
-            if explicit and current and current != key_email:
-                raise ConfigError("the key file is for %s but the config's default service "
-                                  "account is %s" % (key_email, current))
-            wanted = key_email
+        source_email = identity.get("source_email")
+        if not wanted and source_email:
+            if explicit and current and current != source_email:
+                raise ConfigError("the credentials given on the command line are for %s but "
+                                  "the config's default service account is %s"
+                                  % (source_email, current))
+            wanted = source_email
         if wanted and wanted != current:
             instance["serviceAccounts"] = _rename_primary_account(accounts, current, wanted)
         return document
@@ -1433,6 +1437,9 @@ class Ec2Flavor(object):
         """Build the served tree; raises ConfigError naming what is wrong with the document."""
         if not isinstance(document, dict):
             raise ConfigError("the document must be a JSON object")
+        if "ec2" not in document and set(document) - {"mds"}:
+            raise ConfigError('the document has no "ec2" section (it has %s)'
+                              % ", ".join(sorted(map(repr, set(document) - {"mds"}))))
         section = document.get("ec2") or {}
         if not isinstance(section, dict):
             raise ConfigError('"ec2" must be an object in IMDS path shape')
@@ -2549,7 +2556,8 @@ JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 # Google refuses JWT-bearer assertions whose exp - iat exceeds one hour.
 ASSERTION_LIFETIME = 3600
 SELF_SIGNED_LIFETIME = 3600
-GOOGLE_EXTRA_HINT = 'pip install "mds[google]"'
+# mds is not on PyPI (an unrelated "mds" is): name the packages, and the extra for a checkout.
+GOOGLE_EXTRA_HINT = 'pip install google-auth (in a checkout of mds: pip install ".[google]")'
 
 # Upstream statuses worth another try: Google's token and IAM endpoints document 429/5xx as
 # transient. Everything else (400 invalid_grant, 401, 403, 404) will not improve by retrying.
@@ -2847,6 +2855,9 @@ class KeyFileSource:
 
     def describe(self):
         key = ("key %s" % self.key_id[:12]) if self.key_id else "injected signer"
+        held = getattr(self.signer, "describe", None)
+        if held is not None:                     # a TPM says where the key is (no secrets)
+            key += "; " + held()
         if self.token_mode == "self-signed":
             return "service account %s (%s, self-signed JWTs, offline)" % (self.email, key)
         return "service account %s (%s, JWT-bearer grant at %s)" % (
@@ -2926,7 +2937,7 @@ def _import_google_auth(feature):
         import google.auth.impersonated_credentials  # noqa: F401
         import google.auth.transport  # noqa: F401
     except ImportError:
-        raise CredentialError("%s needs the google extra: %s" % (feature, GOOGLE_EXTRA_HINT),
+        raise CredentialError("%s needs the \"google\" extra: %s" % (feature, GOOGLE_EXTRA_HINT),
                               status=500) from None
     return google.auth
 
@@ -3430,8 +3441,9 @@ def credentials_spec_from_cli(service_account_file=None, token_mode=None, impers
 # -- TPM-held keys: RS256 signatures made inside a TPM 2.0 through tpm2-pytss (the "tpm" extra,
 #    imported lazily), for a key at a persistent handle or in a TSS2 PRIVATE KEY file.
 
-TPM_EXTRA_HINT = ('TPM support needs the tpm extra: pip install "mds[tpm]" '
-                  '(and Debian packages libtss2-dev pkg-config)')
+TPM_EXTRA_HINT = ('TPM support needs the "tpm" extra: pip install tpm2-pytss==3.0.0 (in a '
+                  'checkout of mds: pip install ".[tpm]"), which builds against the Debian '
+                  'packages libtss2-dev pkg-config')
 
 # Handles of TCG-defined hierarchies as written in a TSS2 PRIVATE KEY's `parent` field.
 _TPM_RH_OWNER = 0x40000001
@@ -5578,7 +5590,7 @@ class MetadataServer:
         else:
             document = self.flavor.default_document()
         self._explicit_document = bool(config)
-        self._adopt_key_file_identity()
+        self._adopt_source_identity()
         document = self._prepare(document)
         self.settings = document.get("mds") or {} if isinstance(document, dict) else {}
         self.store = MetadataStore(document, self._compile)
@@ -5725,27 +5737,45 @@ class MetadataServer:
                               % (type(exc).__name__, exc)) from None
 
     def _prepare(self, document):
-        """Apply the command line's identity (project, primary account) to a loaded document."""
+        """Apply the command line's identity (project, primary account) to a loaded document,
+        and read the file names in its credentials relative to the config file."""
+        if self.config_path:
+            document = _resolve_credential_paths(document, os.path.dirname(
+                os.path.abspath(self.config_path)))
         if not self.identity or not hasattr(self.flavor, "apply_identity"):
             return document
         return self.flavor.apply_identity(document, self.identity,
                                           explicit=self._explicit_document)
 
-    def _adopt_key_file_identity(self):
-        """A key file names its account and project: use them where the config has none."""
+    def _adopt_source_identity(self):
+        """The command line's credential source names its account (a key file's client_email,
+        an impersonation target, a federation file's service account) and a key file its
+        project: use them where the config has none."""
         spec = self.credentials or {}
-        if spec.get("type") != "key-file" or not spec.get("path"):
-            return
+        kind, email = spec.get("type"), None
+        if kind == "key-file" and spec.get("path"):
+            info = self._read_credentials_file(spec["path"], "--service-account-file",
+                                               "service-account key file")
+            # Only the names are read here; the key itself is parsed (once) when the account's
+            # source is built, which fails startup just as clearly if the key is unusable.
+            email = info.get("client_email")
+            if info.get("project_id"):
+                self.identity.setdefault("key_file_project_id", info["project_id"])
+        elif kind == "impersonate":
+            email = spec.get("target")
+        elif kind == "federate" and spec.get("impersonate") is not True:
+            email = spec.get("impersonate") or FederatedSource._impersonated_email(
+                self._read_credentials_file(spec["config"], "--federate",
+                                            "external-account configuration"))
+        if email:
+            self.identity.setdefault("source_email", email)
+
+    @staticmethod
+    def _read_credentials_file(path, flag, what):
         try:
-            info, _ = _load_json_config(spec["path"], "service-account key file")
+            return _load_json_config(path, what)[0]
         except CredentialError as exc:
-            raise ConfigError("--service-account-file: %s" % exc)
-        # Only the names are read here; the key itself is parsed (once) when the account's
-        # source is built, which fails startup just as clearly if the key is unusable.
-        if info.get("client_email"):
-            self.identity.setdefault("key_file_email", info["client_email"])
-        if info.get("project_id"):
-            self.identity.setdefault("key_file_project_id", info["project_id"])
+            raise ConfigError("%s: %s" % (flag, exc))
 
     def request_reload(self):
         """Ask the watcher thread to reload now (safe to call from a signal handler)."""
@@ -5856,6 +5886,26 @@ class MetadataServer:
             return self._certificate[1]
 
 
+def _resolve_credential_paths(document, base):
+    """The document with relative file names in its per-account credentials ("path",
+    "source_credentials_file", "config") made absolute against `base`, the config's folder:
+    what a config names must not depend on where mds was started."""
+    accounts = ((document.get("mds") or {}).get("serviceAccounts") or {}) \
+        if isinstance(document.get("mds"), dict) else {}
+    if not isinstance(accounts, dict) or not accounts:
+        return document
+    document = copy.deepcopy(document)
+    for options in document["mds"]["serviceAccounts"].values():
+        spec = options.get("credentials") if isinstance(options, dict) else None
+        if not isinstance(spec, dict):
+            continue
+        for field in ("path", "source_credentials_file", "config"):
+            value = spec.get(field)
+            if isinstance(value, str) and value and not os.path.isabs(value):
+                spec[field] = os.path.join(base, os.path.expanduser(value))
+    return document
+
+
 # ---- CLI -------------------------------------------------------------------------------------
 
 
@@ -5895,11 +5945,11 @@ def build_parser():
                              "by the key (honours ?scopes=)")
     google.add_argument("--impersonate", nargs="?", const=True, metavar="EMAIL",
                         help="impersonate the config's default account (or EMAIL) using your "
-                             "own ADC; needs pip install \"mds[google]\" (honours ?scopes=)")
+                             "own ADC; needs google-auth (the \"google\" extra; honours ?scopes=)")
     google.add_argument("--federate", action="store_true",
                         help="workload identity federation: the external-account file named by "
                              "GOOGLE_APPLICATION_CREDENTIALS, optionally with --impersonate; "
-                             "needs pip install \"mds[google]\" (honours ?scopes=)")
+                             "needs google-auth (the \"google\" extra; honours ?scopes=)")
     google.add_argument("--access-token", metavar="TOKEN",
                         help="serve this access token (env GOOGLE_ACCESS_TOKEN; ignores "
                              "?scopes=)")
@@ -5916,7 +5966,7 @@ def build_parser():
                              "GOOGLE_SERVICE_ACCOUNT)")
 
     tpm = parser.add_argument_group(
-        "TPM-held key (needs pip install \"mds[tpm]\"); the account is the config's default "
+        "TPM-held key (needs tpm2-pytss, the \"tpm\" extra); the account is the config's default "
         "service account, the key id its \"keyId\" in the \"mds\" section")
     tpm.add_argument("--tpm", action="store_true",
                      help="sign the default account's tokens with a key held in a TPM")
@@ -5973,13 +6023,22 @@ def credentials_from_args(args, environ=None):
     return spec, signer, identity
 
 
+# Flags that configure Google credentials: meaningless for the EC2 flavor.
+GOOGLE_CREDENTIAL_OPTIONS = ("service_account_file", "token_mode", "impersonate", "federate",
+                             "access_token", "id_token", "project_id", "numeric_project_id",
+                             "service_account", "tpm")
+
+
 def flavor_options_from_args(args):
-    """The MetadataServer `options` for the chosen flavor's flags; another flavor's flag is
-    an error rather than silently ignored."""
+    """The MetadataServer `options` for the chosen flavor's flags; another flavor's flag (or a
+    Google credential flag with the EC2 flavor) is an error rather than silently ignored."""
     ec2 = ec2_options_from_args(args)
     gce = {name: getattr(args, name) for name in GCE_OPTIONS
            if getattr(args, name, None) is not None}
     chosen, other = (ec2, gce) if args.flavor == "ec2" else (gce, ec2)
+    if args.flavor == "ec2":
+        other = sorted(other) + [name for name in GOOGLE_CREDENTIAL_OPTIONS
+                                 if getattr(args, name, None) not in (None, False)]
     if other:
         raise ConfigError("--%s does not apply to --flavor %s"
                           % (sorted(other)[0].replace("_", "-"), args.flavor))
@@ -6001,11 +6060,12 @@ def main(argv=None):
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s mds %(levelname)s %(message)s")
     try:
+        options = flavor_options_from_args(args)       # before a TPM is opened for nothing
         spec, signer, identity = credentials_from_args(args)
         server = MetadataServer(config=args.config, host=args.host, port=args.port,
                                 flavor=args.flavor, signing_key=args.signing_key,
                                 credentials=spec, signer=signer, identity=identity,
-                                options=flavor_options_from_args(args))
+                                options=options)
         server.start()
     except (ConfigError, CredentialError, OSError) as exc:
         parser.exit(2, "mds: error: %s\n" % exc)

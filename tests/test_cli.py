@@ -164,6 +164,8 @@ def test_key_file_for_another_account_than_the_configs_fails_at_startup(tmp_path
     (["--spot-interruption-after", "1m"], "--spot-interruption-after does not apply to --flavor gce"),
     (["--flavor", "cloudrun", "--maintenance-event-after", "1m"], "Compute Engine"),
     (["--preempt-after", "soon"], "not a duration"),
+    (["--flavor", "ec2", "--access-token", "x"], "--access-token does not apply to --flavor ec2"),
+    (["--flavor", "ec2", "--tpm", "--tpm-path", "/nonexistent"], "--tpm does not apply"),
 ])
 def test_bad_startup_options_fail_with_one_clear_line(argv, reason):
     result = subprocess.run([sys.executable, MDS_PY, "--port", "0"] + argv,

@@ -563,10 +563,11 @@ def test_missing_google_extra_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "google.auth", None)
     with pytest.raises(mds.CredentialError) as caught:
         mds.ImpersonatedSource("a@b.iam.gserviceaccount.com")
-    assert str(caught.value) == 'impersonation needs the google extra: pip install "mds[google]"'
+    assert str(caught.value) == ('impersonation needs the "google" extra: pip install '
+                                 'google-auth (in a checkout of mds: pip install ".[google]")')
     with pytest.raises(mds.CredentialError) as caught:
         mds.FederatedSource({"type": "external_account"})
-    assert 'pip install "mds[google]"' in str(caught.value)
+    assert 'pip install google-auth' in str(caught.value)
 
 
 # ---------------------------------------------------------------- workload federation
@@ -723,6 +724,27 @@ def test_federate_with_impersonate_impersonates_the_configs_account(fake, tmp_pa
     assert status == 200, body
     issued = fake.issued_tokens[json.loads(body)["access_token"]]
     assert issued["principal"] == target.email
+
+@pytest.mark.parametrize("kind", ["impersonate", "federate"])
+def test_a_command_line_source_without_a_config_serves_its_own_account(fake, tmp_path,
+                                                                       mds_server_factory,
+                                                                       kind):
+    # `--impersonate EMAIL` or `--federate` with a file that impersonates an account, and no
+    # --config: that account is the VM's default one, as a key file's is.
+    target = fake.add_service_account()
+    if kind == "impersonate":
+        caller_key, _ = fake.write_key_file(tmp_path)
+        spec = {"type": "impersonate", "target": target.email, "iam_endpoint": fake.url,
+                "source_credentials_file": caller_key}
+    else:
+        config, _ = fake.write_external_account_file(tmp_path, impersonate=target.email)
+        spec = {"type": "federate", "config": config}
+    server = mds_server_factory(credentials=spec)
+    assert metadata_get(server, "instance/service-accounts/default/email") == (200, target.email)
+    status, body = metadata_get(server, "instance/service-accounts/default/token")
+    assert status == 200, body
+    assert fake.issued_tokens[json.loads(body)["access_token"]]["principal"] == target.email
+
 
 def test_impersonate_spec_without_target_uses_the_account(fake, tmp_path, monkeypatch):
     adc_key, _ = fake.write_key_file(tmp_path)
@@ -936,6 +958,21 @@ def test_a_short_lived_upstream_token_is_reused_for_half_its_life(fake, tmp_path
               ["access_token"] for _ in range(10)}
     assert len(tokens) == 1
     assert fake.count("token:jwt-bearer") == 1
+
+
+def test_a_relative_key_path_is_read_from_the_configs_folder(fake, tmp_path,
+                                                            mds_server_factory, monkeypatch):
+    folder = tmp_path / "conf"
+    folder.mkdir()
+    path, account = fake.write_key_file(str(folder))
+    config = folder / "config.json"
+    config.write_text(json.dumps(vm_document({account.email: (
+        [CLOUD_PLATFORM], {"type": "key-file", "path": os.path.basename(path)})})))
+    monkeypatch.chdir(str(tmp_path))          # started from elsewhere, as a service would be
+    server = mds_server_factory(config=str(config))
+    status, body = metadata_get(server, "instance/service-accounts/default/token")
+    assert status == 200, body
+    assert fake.issued_tokens[json.loads(body)["access_token"]]["principal"] == account.email
 
 
 @pytest.fixture

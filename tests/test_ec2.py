@@ -160,6 +160,11 @@ def test_a_local_zone_belongs_to_its_parent_region(ec2):
     assert text(server, "/latest/meta-data/hostname").endswith(".us-west-2.compute.internal")
 
 
+def test_a_document_without_an_ec2_section_is_refused(ec2):
+    with pytest.raises(mds.ConfigError, match='no "ec2" section'):
+        ec2(config={"EC2": {"meta-data": {}}})
+
+
 def test_inconsistent_placement_is_refused(ec2):
     with pytest.raises(mds.ConfigError, match="not in region"):
         ec2(config={"ec2": {"meta-data": {"placement": {

@@ -167,7 +167,8 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_the_package_builds_with_the_mds_command_and_both_extras(tmp_path):
-    """`pip install "mds[google]"` / `"mds[tpm]"`, which error messages and README name, work."""
+    """`pip install ".[google]"` / `".[tpm]"` from a checkout, which error messages and the
+    README name, work."""
     import shutil
     import zipfile
 

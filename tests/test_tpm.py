@@ -447,7 +447,7 @@ def test_missing_tpm2_pytss_names_the_extra(tmp_path):
     assert result.returncode == 0, result.stderr.decode()
     lines = [line for line in result.stdout.decode().splitlines() if line.startswith("TPMERROR")]
     assert len(lines) == 1, result.stdout.decode() + result.stderr.decode()
-    assert 'pip install "mds[tpm]"' in lines[0]
+    assert 'pip install tpm2-pytss==3.0.0' in lines[0] and '".[tpm]"' in lines[0]
     assert "libtss2-dev" in lines[0]
 
 

@@ -390,6 +390,10 @@ def test_cli_serves_tpm_signed_tokens(tools, swtpm, fake_google, tmp_path):
     log = server.stderr()
     assert access_token not in log and identity not in log  # tokens never reach the log
     assert fake_google.count() == 0
+    # The startup log names the TPM key by its public fingerprint, never by key material.
+    spki = account.private_key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert "fingerprint sha256:" + hashlib.sha256(spki).hexdigest() in log, log
 
 
 def test_cli_wrong_key_password_fails_startup(tools, swtpm, fake_google, tmp_path):

@@ -354,6 +354,8 @@ def assert_reload_failure_logged(caplog, *words):
     ('{"computeMetadata": []}', ["computeMetadata"]),
     ('{"computeMetadata": {"v1": {"instance": {"serviceAccounts": ["x"]}}}}',
      ["serviceAccounts"]),
+    # A misspelled top-level key would otherwise serve the built-in VM without a word.
+    ('{"computemetadata": {"v1": {}}}', ["computeMetadata", "computemetadata"]),
 ])
 def test_a_bad_reload_keeps_the_last_good_tree_and_logs_why(file_server, config_file, caplog,
                                                             content, reason_words):
