@@ -1873,7 +1873,8 @@ class Ec2Flavor(object):
             # and yields no credentials, Go rejects a Code other than Success.
             return aws_json(collections.OrderedDict((
                 ("Code", "AssumeRoleUnauthorizedAccess"),
-                ("Message", "mds cannot provide credentials for role %s: %s" % (role, error)),
+                ("Message", "mds cannot provide credentials for role %s: %s"
+                 % (role, _for_clients(error))),
                 ("LastUpdated", format_imds_time(time.time())),
             )))
         return _credentials_json(creds)
@@ -2106,7 +2107,7 @@ class Ec2Flavor(object):
         except CredentialError as failure:
             self._log_credential_error(role, failure)
             return error(502 if failure.status >= 500 else failure.status,
-                         "CredentialsUnavailable", str(failure))
+                         "CredentialsUnavailable", _for_clients(failure))
         arn = self.role_arn(tree, role)
         return Response(200, json.dumps(collections.OrderedDict((
             ("AccessKeyId", creds["AccessKeyId"]),
@@ -2169,6 +2170,13 @@ class Ec2Flavor(object):
                 at = value[0] if isinstance(value, tuple) else value
                 lines.append("event %s at %s" % (kind, format_imds_time(at)))
         return lines
+
+
+def _for_clients(error):
+    """An upstream failure as any local client may read it: STS names the server's own IAM
+    user or session in AccessDenied messages, which only the operator's log should show."""
+    return re.sub(r"arn:aws[\w-]*:(?:iam|sts)::\d+:(?:user|assumed-role|federated-user)/\S+",
+                  "[the server's AWS identity]", str(error))
 
 
 def _credentials_json(creds):
@@ -4062,10 +4070,11 @@ class AwsKeys(collections.namedtuple(
 
 def _aws_file(environ, variable, default):
     path = environ.get(variable) or default
-    if path.startswith("~"):
-        home = environ.get("HOME")
-        path = os.path.join(home, path[2:]) if home else os.path.expanduser(path)
-    return path
+    if path == "~" or path.startswith("~/"):
+        home = environ.get("HOME")     # the given environment's, for tests and services
+        if home:
+            return os.path.join(home, path[2:])
+    return os.path.expanduser(path)
 
 
 def _read_ini(path):
@@ -4085,38 +4094,56 @@ def aws_profile_name(profile=None, environ=None):
     return profile or environ.get("AWS_PROFILE") or environ.get("AWS_DEFAULT_PROFILE") or "default"
 
 
+def _config_profile_name(section):
+    """The profile a ~/.aws/config section holds: "[profile dev]" (botocore also reads
+    [profile "dev"] and extra spaces), or a bare "[default]"; None for anything else."""
+    if section.strip() == "default":
+        return "default"
+    match = re.fullmatch(r'\s*profile\s+("?)(.+?)\1\s*', section)
+    return match.group(2) if match else None
+
+
+def _profile_sections(profile=None, environ=None):
+    """(~/.aws/config settings, ~/.aws/credentials settings, description) of one profile;
+    a file without the profile gives None."""
+    environ = os.environ if environ is None else environ
+    name = aws_profile_name(profile, environ)
+    config = _read_ini(_aws_file(environ, "AWS_CONFIG_FILE", "~/.aws/config"))
+    from_config = next((dict(config.items(section)) for section in config.sections()
+                        if _config_profile_name(section) == name), None)
+    credentials = _read_ini(_aws_file(environ, "AWS_SHARED_CREDENTIALS_FILE",
+                                      "~/.aws/credentials"))
+    from_credentials = dict(credentials.items(name)) if credentials.has_section(name) else None
+    return from_config, from_credentials, "profile %r" % name
+
+
 def load_aws_profile(profile=None, environ=None):
     """Merged settings of one profile: ~/.aws/config values overridden by ~/.aws/credentials.
 
     Returns (settings dict, description) or (None, description) when neither file has it.
     """
-    environ = os.environ if environ is None else environ
-    name = aws_profile_name(profile, environ)
-    config_path = _aws_file(environ, "AWS_CONFIG_FILE", "~/.aws/config")
-    creds_path = _aws_file(environ, "AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials")
-    settings = {}
-    found = False
-    config = _read_ini(config_path)
-    # The config file names sections "profile NAME", except that "default" may be bare.
-    for section in (("profile " + name), name if name == "default" else None):
-        if section and config.has_section(section):
-            settings.update(config.items(section))
-            found = True
-            break
-    credentials = _read_ini(creds_path)
-    if credentials.has_section(name):
-        settings.update(credentials.items(name))
-        found = True
-    return (settings if found else None), "profile %r" % name
+    from_config, from_credentials, described = _profile_sections(profile, environ)
+    if from_config is None and from_credentials is None:
+        return None, described
+    return dict(from_config or {}, **(from_credentials or {})), described
 
 
 def _keys_from_settings(settings, origin):
+    """The keys of one file's section, taken together (an id from one file and a token from
+    another would not belong together); None if it has none, an error if only half."""
     access_key = (settings.get("aws_access_key_id") or "").strip()
     secret_key = (settings.get("aws_secret_access_key") or "").strip()
-    if not (access_key and secret_key):
+    if not (access_key or secret_key):
         return None
+    if not (access_key and secret_key):
+        raise CredentialError("%s has only one of aws_access_key_id and aws_secret_access_key"
+                              % origin, status=500)
     token = (settings.get("aws_session_token") or settings.get("aws_security_token") or "")
     return AwsKeys(access_key, secret_key, token.strip() or None, None, origin)
+
+
+# Profile settings through which botocore finds keys that mds does not follow itself.
+_INDIRECT_AWS_SOURCES = ("role_arn", "web_identity_token_file", "sso_session", "sso_start_url")
 
 
 def resolve_aws_source_keys(profile=None, environ=None):
@@ -4124,14 +4151,21 @@ def resolve_aws_source_keys(profile=None, environ=None):
 
     An explicit `profile` argument wins; otherwise the AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY
     (+AWS_SESSION_TOKEN, AWS_CREDENTIAL_EXPIRATION) environment, then the AWS_PROFILE or
-    "default" profile. Never consults IMDS: clients pointed at this emulator would make it
-    ask itself (spec §7.1 caution). Raises CredentialError when nothing is found.
+    "default" profile: its keys in ~/.aws/credentials, else in ~/.aws/config. A profile that
+    botocore would resolve another way (role_arn, web identity, SSO, credential_process) is
+    refused rather than read differently. Never consults IMDS: clients pointed at this
+    emulator would make it ask itself (spec §7.1 caution). Raises CredentialError when
+    nothing is found.
     """
     environ = os.environ if environ is None else environ
     if not profile:
         access_key = environ.get("AWS_ACCESS_KEY_ID", "").strip()
         secret_key = environ.get("AWS_SECRET_ACCESS_KEY", "").strip()
-        if access_key and secret_key:
+        if access_key or secret_key:
+            if not (access_key and secret_key):
+                raise CredentialError("partial AWS credentials in the environment: set both "
+                                      "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+                                      status=500)
             token = (environ.get("AWS_SESSION_TOKEN") or environ.get("AWS_SECURITY_TOKEN")
                      or "").strip() or None
             expiration = None
@@ -4142,12 +4176,22 @@ def resolve_aws_source_keys(profile=None, environ=None):
                     raise CredentialError("AWS_CREDENTIAL_EXPIRATION is not an ISO-8601 time",
                                           status=500)
             return AwsKeys(access_key, secret_key, token, expiration, "environment")
-    settings, described = load_aws_profile(profile, environ)
-    if settings is None:
+    from_config, from_credentials, described = _profile_sections(profile, environ)
+    if from_config is None and from_credentials is None:
         raise CredentialError("no AWS source credentials: AWS_ACCESS_KEY_ID/"
                               "AWS_SECRET_ACCESS_KEY unset and %s not found" % described,
                               status=500)
-    keys = _keys_from_settings(settings, described)
+    merged = dict(from_config or {}, **(from_credentials or {}))
+    indirect = [name for name in _INDIRECT_AWS_SOURCES if merged.get(name)]
+    if indirect:
+        raise CredentialError("%s gets its keys through %s, which mds does not follow: give "
+                              "the server static keys (aws_access_key_id and "
+                              "aws_secret_access_key)" % (described, indirect[0]), status=500)
+    keys = _keys_from_settings(from_credentials or {}, described)
+    if keys is None and merged.get("credential_process"):
+        raise CredentialError("%s gets its keys from credential_process, which mds does not "
+                              "run: give the server static keys" % described, status=500)
+    keys = keys or _keys_from_settings(from_config or {}, described)
     if keys is None:
         raise CredentialError("%s has no aws_access_key_id/aws_secret_access_key "
                               "(only static keys are supported as a source)" % described,
@@ -4246,8 +4290,12 @@ class StaticRoleCredentials(object):
     requires both fields: Expiration then rolls forward (`lifetime` ahead, renewed every
     `rotation`) and Token is "" (botocore and the JS SDK only check that it is present /
     a string; an empty token is not sent when signing). Keys with an explicit expiration are
-    served until then, and refused afterwards.
+    served until then, and refused afterwards.  Session keys without a known expiration
+    usually last an hour: they are served for one, so clients come back for the keys again
+    (re-read from their source) before they are likely to have expired.
     """
+
+    SESSION_LIFETIME, SESSION_ROTATION = 3600, 900
 
     def __init__(self, keys_loader, lifetime=6 * 3600, rotation=3600, clock=time.time):
         self._load = keys_loader
@@ -4268,8 +4316,10 @@ class StaticRoleCredentials(object):
             updated = self._epoch
             expiration = keys.expiration
         else:
-            updated = self._epoch + ((now - self._epoch) // self.rotation) * self.rotation
-            expiration = updated + self.lifetime
+            lifetime, rotation = (self.SESSION_LIFETIME, self.SESSION_ROTATION) \
+                if keys.session_token else (self.lifetime, self.rotation)
+            updated = self._epoch + ((now - self._epoch) // rotation) * rotation
+            expiration = updated + lifetime
         return {
             "AccessKeyId": keys.access_key,
             "SecretAccessKey": keys.secret_key,
@@ -4323,6 +4373,7 @@ class AssumeRoleCredentials(object):
         self._cached = None
         self._last_error = None
         self._last_attempt = 0.0
+        self._due_at = math.inf        # wall-clock time of the refresher's next attempt
         self.sts_calls = 0
 
     def describe(self):
@@ -4368,9 +4419,9 @@ class AssumeRoleCredentials(object):
         if cached is None:
             return None
         remaining = cached["Expiration"] - now
-        # Refresh at the margin, but never later than halfway through what is left, so that
-        # short-lived sessions (DurationSeconds < margin) do not loop on STS.
-        return max(1.0, min(remaining - self.refresh_margin, remaining / 2.0))
+        # Refresh at the margin; a session shorter than twice the margin (DurationSeconds 900
+        # against the default 1800) is refreshed halfway through instead of in a loop.
+        return max(1.0, remaining - self.refresh_margin, remaining / 2.0)
 
     def _stopped(self):
         return self._stopping.is_set() or self._should_stop()
@@ -4397,7 +4448,9 @@ class AssumeRoleCredentials(object):
                 delay = self._next_refresh_delay()
             else:
                 failures += 1
-                delay = min(self.max_retry_delay, self.retry_delay * (2 ** (failures - 1)))
+                # The exponent is bounded: an outage of any length must not overflow it.
+                delay = min(self.max_retry_delay, self.retry_delay * 2 ** min(failures - 1, 30))
+            self._due_at = self._clock() + delay
             self._sleep(delay)
 
     def start(self, wait=10.0):
@@ -4423,12 +4476,15 @@ class AssumeRoleCredentials(object):
         with self._lock:
             cached = self._cached
             last_error = self._last_error
+        due = cached is None or cached["Expiration"] <= now or now >= self._due_at
+        if due and self._thread is not None and now - self._last_attempt >= self.retry_delay:
+            # Ask the refresher to retry now (this request does not wait); rate-limited so
+            # that a burst of requests during an STS outage is not a burst of STS calls.  Also
+            # when the refresher slept through its time: its sleep runs on the monotonic
+            # clock, which stands still while the host is suspended or the container paused.
+            self._wake.set()
         if cached is not None and cached["Expiration"] > now:
             return dict(cached)
-        if self._thread is not None and now - self._last_attempt >= self.retry_delay:
-            # Ask the refresher to retry now (this request does not wait); rate-limited so
-            # that a burst of requests during an STS outage is not a burst of STS calls.
-            self._wake.set()
         if last_error:
             raise CredentialError("no valid credentials for %s: %s" % (self.role_arn, last_error))
         raise CredentialError("no valid credentials for %s yet (AssumeRole pending)"
@@ -5464,6 +5520,8 @@ def sts_build_request(params, keys, region=None, endpoint=None, now=None):
     url = endpoint or default_url
     body = urllib.parse.urlencode(params).encode("ascii")
     headers = collections.OrderedDict()
+    # Sent as signed: urllib would send the URL's netloc as written (upper case, :443).
+    headers["Host"] = _sigv4_host(urllib.parse.urlsplit(url))
     headers["Content-Type"] = STS_FORM_CONTENT_TYPE
     headers.update(sigv4_sign("POST", url, headers, body, signing_region, "sts",
                               keys.access_key, keys.secret_key, keys.session_token, now=now))

@@ -436,6 +436,12 @@ def test_static_credentials_from_environment(ec2, monkeypatch):
     assert creds["Code"] == "Success"
     assert (creds["AccessKeyId"], creds["SecretAccessKey"], creds["Token"]) == (
         "AKIASTATICEXAMPLE000", "static/secret", "static-session-token")
+    # Session keys of unknown expiry usually last an hour: clients are told to come back
+    # within one (botocore refreshes 15 minutes before), long-term keys within six.
+    assert 2700 <= mds.parse_imds_time(creds["Expiration"]) - time.time() <= 3600
+    monkeypatch.delenv("AWS_SESSION_TOKEN")
+    creds = json.loads(_credentials(server))
+    assert creds["Token"] == ""
     assert mds.parse_imds_time(creds["Expiration"]) - time.time() > 4 * 3600
 
 
@@ -501,6 +507,49 @@ def test_source_key_and_region_resolution(tmp_path):
     assert mds.resolve_aws_region("nobody", {"AWS_CONFIG_FILE": str(tmp_path / "x"),
                                              "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}) \
         is None
+
+
+
+def _profiles(tmp_path, config_text, credentials_text=""):
+    (tmp_path / "config").write_text(config_text)
+    (tmp_path / "credentials").write_text(credentials_text)
+    return {"AWS_CONFIG_FILE": str(tmp_path / "config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "credentials")}
+
+
+def test_a_profiles_keys_come_from_one_file_together(tmp_path):
+    # botocore takes the credentials file's keys as a set: a token from the config file
+    # would not belong to them.
+    env = _profiles(tmp_path, "[profile ops]\naws_session_token = STALE-OLD-TOKEN\n",
+                    "[ops]\naws_access_key_id = AKIACREDOPS\naws_secret_access_key = cred\n")
+    keys = mds.resolve_aws_source_keys("ops", env)
+    assert (keys.access_key, keys.session_token) == ("AKIACREDOPS", None)
+
+
+@pytest.mark.parametrize("config_text, credentials_text, environ, reason", [
+    ("[profile ops]\naws_secret_access_key = cfg\n", "[ops]\naws_access_key_id = AKIA1\n", {},
+     "only one of"),
+    ("[profile ops]\nrole_arn = arn:aws:iam::1:role/r\nsource_profile = base\n",
+     "[ops]\naws_access_key_id = AKIA1\naws_secret_access_key = s\n", {}, "role_arn"),
+    ("[profile ops]\ncredential_process = /bin/creds\n", "", {}, "credential_process"),
+    ("[profile ops]\nsso_session = corp\n", "", {}, "sso_session"),
+    ("", "", {"AWS_ACCESS_KEY_ID": "AKIAONLYID"}, "partial AWS credentials"),
+])
+def test_profiles_botocore_would_read_differently_are_refused(tmp_path, config_text,
+                                                              credentials_text, environ,
+                                                              reason):
+    env = dict(_profiles(tmp_path, config_text, credentials_text), **environ)
+    with pytest.raises(mds.CredentialError) as caught:
+        mds.resolve_aws_source_keys(None if environ else "ops", env)
+    assert reason in str(caught.value)
+
+
+@pytest.mark.parametrize("section", ['profile "dev"', "profile  dev", " profile dev "])
+def test_config_profile_sections_are_read_as_botocore_reads_them(tmp_path, section):
+    env = _profiles(tmp_path, "[%s]\naws_access_key_id = AKIADEV\naws_secret_access_key = d\n"
+                    "region = eu-west-3\n" % section)
+    assert mds.resolve_aws_source_keys("dev", env).access_key == "AKIADEV"
+    assert mds.resolve_aws_region("dev", env) == "eu-west-3"
 
 
 # ---------------------------------------------------------------------------
@@ -641,6 +690,68 @@ def test_a_reload_that_drops_a_role_does_not_wait_for_its_hanging_sts_call(ec2, 
     # The reload returned while the dropped role's STS call was still hanging.
     assert sts_env.calls == 1
     assert text(server, "/latest/meta-data/iam/security-credentials/") == "other"
+
+
+def test_a_refresher_that_failed_a_thousand_times_still_recovers(sts_env):
+    provider = mds.AssumeRoleCredentials(
+        ROLE_ARN, mds.resolve_aws_source_keys, region="eu-central-1", endpoint=sts_env.url,
+        retry_delay=0.00001, max_retry_delay=0.0001)
+    sts_env.failing = (403, "ExpiredToken")
+    provider.start(wait=0)
+    try:
+        assert _wait_for(lambda: sts_env.started > 1100, timeout=60)
+        sts_env.failing = None
+        assert _wait_for(lambda: sts_env.calls >= 1)
+        assert provider.credentials()["AccessKeyId"].startswith("ASIA")
+    finally:
+        provider.stop()
+
+
+def test_a_session_shorter_than_the_margin_is_refreshed_halfway_not_in_a_loop(ec2, sts_env):
+    server = ec2(config=_assume_role_config(sts_env, duration=900))
+    assert _wait_for(lambda: sts_env.calls == 1)
+    assert json.loads(_credentials(server, "app-role"))["Code"] == "Success"
+    time.sleep(2.5)
+    assert sts_env.calls == 1
+
+
+def test_a_refresher_that_slept_through_its_time_is_woken_by_a_client(sts_env):
+    # Its sleep runs on the monotonic clock, which stands still while the host is suspended;
+    # wall time (this fake clock) runs on.
+    skew = [0.0]
+    provider = mds.AssumeRoleCredentials(
+        ROLE_ARN, mds.resolve_aws_source_keys, region="eu-central-1", endpoint=sts_env.url,
+        clock=lambda: time.time() + skew[0])
+    provider.start()
+    try:
+        assert sts_env.calls == 1
+        skew[0] = 2000.0                        # past the 30-minute margin of a 1-hour session
+        assert provider.credentials()["AccessKeyId"]
+        assert _wait_for(lambda: sts_env.calls == 2)
+    finally:
+        provider.stop()
+
+
+def test_an_sts_endpoint_spelled_in_capitals_still_verifies(ec2, sts_env):
+    endpoint = sts_env.url.replace("127.0.0.1", "LocalHost")
+    server = ec2(config=_assume_role_config(sts_env, sts_endpoint=endpoint))
+    assert _wait_for(lambda: sts_env.calls == 1)
+    assert json.loads(_credentials(server, "app-role"))["Code"] == "Success"
+
+
+def test_clients_do_not_read_the_servers_own_identity_in_sts_errors(ec2, sts_env, caplog):
+    sts_env.failing = (403, "AccessDenied")
+    user = "arn:aws:iam::123456789012:user/alice"
+    sts_env.fail_next(50, 403, "AccessDenied", "User: %s is not authorized to perform: "
+                      "sts:AssumeRole on resource: %s" % (user, ROLE_ARN))
+    sts_env.failing = None
+    with caplog.at_level("WARNING"):
+        server = ec2(config=_assume_role_config(sts_env))
+        assert _wait_for(lambda: sts_env.started >= 1)
+        failed = json.loads(_credentials(server, "app-role"))
+    assert failed["Code"] != "Success" and "AccessDenied" in failed["Message"]
+    assert user not in failed["Message"] and ROLE_ARN in failed["Message"]
+    assert user in caplog.text                  # the operator still sees who was refused
 
 
 def test_assume_role_bad_source_key_is_reported(ec2, sts_env, monkeypatch):
