@@ -172,6 +172,7 @@ class MetadataStore:
         self.document = document
         self.tree = compile(document)
         self.generation = 0
+        self.recent = collections.deque(maxlen=4)    # (generation, tree), newest last
 
     def replace(self, document):
         # Compiled under the lock, so trees are published in the order they were compiled:
@@ -180,6 +181,7 @@ class MetadataStore:
             tree = self._compile(document)
             self.document, self.tree = document, tree
             self.generation += 1
+            self.recent.append((self.generation, tree))
             self.changed.notify_all()
 
     def edit(self, keys, value=None, delete=False):
@@ -334,6 +336,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _dispatch(self):
         mds = self.server.mds
+        if mds.stopping:
+            self.close_connection = True
+            self._write(Response(503, "The metadata server is shutting down.\n",
+                                 "text/plain; charset=utf-8"), mds)
+            return
         body = self._read_body()
         if isinstance(body, Response):
             self._write(body, mds)
@@ -355,6 +362,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             log.exception("internal error answering %s %s", self.command, path)
             response = Response(500, "Internal error in mds; see the server log.\n",
                                 "text/plain; charset=utf-8")
+        if mds.stopping:                 # answered while stopping: the last on this connection
+            self.close_connection = True
         self._write(response, mds)
 
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = _dispatch
@@ -437,7 +446,30 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, address, mds):
         self.mds = mds
+        self._connections = set()
+        self._connections_guard = threading.Lock()
         super().__init__(address, _Handler)
+
+    def process_request(self, request, client_address):
+        with self._connections_guard:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self._connections_guard:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self):
+        """End every accepted connection, so that a stopped server stops answering on
+        keep-alive connections too (their handler threads then finish)."""
+        with self._connections_guard:
+            connections = list(self._connections)
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def server_bind(self):
         # HTTPServer.server_bind looks up the host's FQDN, only for CGI's SERVER_NAME; for a
@@ -925,6 +957,10 @@ class GceFlavor:
             if node.is_dir and not recursive:
                 raise BadRequest("wait_for_change on a directory needs recursive=true")
             node = self.wait_for_change(request, segments, node, query.get("last_etag"), timeout)
+            if self.server.stopping:
+                # Not the unchanged value: a watcher would take that for a change.
+                return Response(503, "The metadata server is shutting down.\n",
+                                "text/plain; charset=utf-8")
             if node is None:
                 return self.not_found(request.path)
         return self.render(node, alt, recursive)
@@ -937,16 +973,28 @@ class GceFlavor:
         store = self.server.store
         deadline = None if timeout is None else time.monotonic() + timeout
         with store.changed:
+            seen = store.generation
             while True:
+                if self.server.stopping:
+                    return None
+                # Every tree published since the last look, not only the newest: a value
+                # changed and changed back before this thread ran is still a change.
+                for generation, tree in store.recent:
+                    if generation > seen:
+                        then = resolve(tree.root, segments)
+                        if then is None or then.etag != etag:
+                            return then
+                seen = store.generation
                 current = resolve(store.tree.root, segments)
-                if current is None or current.etag != etag or self.server.stopping:
+                if current is None or current.etag != etag:
                     return current
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return current
-                # Time out now and then to notice clients that hung up, so their threads end.
-                woken = store.changed.wait(30.0 if remaining is None else min(remaining, 30.0))
-                if not woken and request.client_gone():
+                # Time out now and then to notice clients that hung up, so their threads end
+                # (checked at every wake-up too, as other keys may keep changing).
+                store.changed.wait(30.0 if remaining is None else min(remaining, 30.0))
+                if request.client_gone():
                     return current
 
     def render(self, node, alt, recursive):
@@ -5634,6 +5682,7 @@ class MetadataServer:
         self._threads = []
         self._stop = threading.Event()
         self._reload_requested = threading.Event()
+        self._reload_guard = threading.Lock()
         self._config_stamp = None
         self._date_cache = (0, "")
         self._common_lines = None
@@ -5656,6 +5705,8 @@ class MetadataServer:
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self):
+        if self._httpd is not None:       # `with MetadataServer(...).start() as server:`
+            return self
         family_server = _HTTPServer6 if ":" in self.host else _HTTPServer
         # Thousands of hanging GETs each hold a thread; a small stack lets them fit.  This is a
         # process-wide setting and only affects threads created from now on.
@@ -5687,6 +5738,7 @@ class MetadataServer:
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
+            self._httpd.close_connections()
         for thread in self._threads:
             thread.join(timeout=5)
 
@@ -5748,8 +5800,10 @@ class MetadataServer:
         if not self.config_path:
             return False
         try:
-            document = self._prepare(self._read_config())
-            self.store.replace(document)
+            # One reload at a time: the file stamp it records must be the file it published.
+            with self._reload_guard:
+                document = self._prepare(self._read_config())
+                self.store.replace(document)
         except ConfigError as exc:
             log.error("config reload failed, still serving the previous tree: %s", exc)
             return False
@@ -5776,12 +5830,17 @@ class MetadataServer:
     def _event_clock(self):
         store = self.store
         while not self._stop.is_set():
-            self.publish_due_events()
+            try:
+                self.publish_due_events()
+            except Exception:              # the clock must outlive any one failure
+                log.exception("timed event failed")
             with store.changed:
                 due = getattr(store.tree, "next_event", None)
                 if not self._stop.is_set():
-                    # Any change wakes this too: a reload may move or add events.
-                    store.changed.wait(None if due is None else max(0.0, due - time.time()))
+                    # Any change wakes this too: a reload may move or add events.  An hour at
+                    # most, as wait() refuses timeouts beyond a few centuries.
+                    store.changed.wait(3600.0 if due is None else
+                                       min(3600.0, max(0.0, due - time.time())))
 
     def _compile(self, document):
         """The flavor's compile; any failure is the ConfigError it really is, so a bad document
@@ -5802,8 +5861,15 @@ class MetadataServer:
                 os.path.abspath(self.config_path)))
         if not self.identity or not hasattr(self.flavor, "apply_identity"):
             return document
-        return self.flavor.apply_identity(document, self.identity,
-                                          explicit=self._explicit_document)
+        try:
+            return self.flavor.apply_identity(document, self.identity,
+                                              explicit=self._explicit_document)
+        except ConfigError:
+            raise
+        except Exception as exc:       # a document of the wrong shape: the compile says why
+            self._compile(document)
+            raise ConfigError("the document cannot be served: %s: %s"
+                              % (type(exc).__name__, exc)) from None
 
     def _adopt_source_identity(self):
         """The command line's credential source names its account (a key file's client_email,
@@ -5870,7 +5936,10 @@ class MetadataServer:
             stamp = self._stamp()
             if stamp is not None and stamp != self._config_stamp:
                 self._config_stamp = stamp
-                self.reload()
+                try:
+                    self.reload()
+                except Exception:            # a bug must not end the watching for good
+                    log.exception("config reload failed unexpectedly")
 
     # -- credentials ------------------------------------------------------------------------
 

@@ -803,6 +803,60 @@ def test_timeout_sec_with_leading_zeros_is_its_number(shared_server):
     assert reply.status == 200 and reply.body == b"my-proj", reply
 
 
+def test_a_value_changed_and_changed_back_at_once_still_wakes_the_waiter(server):
+    path = V1 + "instance/attributes/alpha"
+    etag = get(server, path).header("ETag")
+    waiter = Waiter(server, path + "?wait_for_change=true&timeout_sec=20&last_etag=" + etag)
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive()
+    server.update("instance/attributes/alpha", "pulse")
+    server.update("instance/attributes/alpha", "first")      # back before the waiter ran
+    reply = waiter.result()
+    assert reply.body == b"pulse", reply
+    assert waiter.finished_at - waiter.started_at < 15, "it waited out its timeout_sec"
+
+
+def test_waiters_are_told_the_server_is_stopping_not_that_the_value_changed(
+        mds_server_factory):
+    server = mds_server_factory(config=copy.deepcopy(DOCUMENT))
+    path = V1 + "instance/attributes/alpha"
+    etag = get(server, path).header("ETag")
+    waiters = [Waiter(server, path + "?wait_for_change=true&last_etag=" + etag)
+               for _ in range(5)]
+    for waiter in waiters:
+        waiter.start()
+    time.sleep(0.5)
+    server.stop()
+    for waiter in waiters:
+        waiter.join(10)
+        assert not waiter.is_alive()
+        # Either a 503 or the connection closed: never a 200 a watcher would act on.
+        assert waiter.error is not None or waiter.reply.status == 503, waiter.reply
+
+
+def test_waiters_whose_clients_left_end_while_other_keys_keep_changing(server):
+    import socket as socket_module
+
+    def handler_threads():
+        return [t for t in threading.enumerate() if "process_request" in t.name]
+
+    before = len(handler_threads())
+    for _ in range(10):
+        sock = socket_module.create_connection(("127.0.0.1", server.port), timeout=5)
+        sock.sendall(b"GET " + V1.encode() + b"instance/attributes/alpha?wait_for_change=true"
+                     b" HTTP/1.1\r\nHost: x\r\nMetadata-Flavor: Google\r\n\r\n")
+        time.sleep(0.05)
+        sock.close()
+    deadline = time.monotonic() + 10
+    number = 0
+    while time.monotonic() < deadline and len(handler_threads()) > before:
+        number += 1
+        server.update("instance/attributes/beta-key", "tick-%d" % number)   # another key
+        time.sleep(0.2)
+    assert len(handler_threads()) <= before, "waiters of departed clients live on"
+
+
 def test_deleting_the_waited_on_key_answers_404(server):
     path = V1 + "instance/attributes/beta-key"
     etag = get(server, path).header("ETag")
@@ -943,6 +997,23 @@ def test_the_timeline_holds_across_updates_and_reloads(mds_server_factory, tmp_p
     assert server.reload()
     assert get(server, path).body == b"FALSE"
     assert waiter.result().body == b"TRUE"
+
+
+def test_an_event_centuries_away_does_not_stop_the_clock(mds_server_factory, tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(document_with_events(
+        {"maintenance": [{"at": "9999-12-31T23:59:59Z"}]})))
+    server = mds_server_factory(config=str(config))
+    time.sleep(0.3)                      # the clock has gone to sleep on the far event
+    path = V1 + "instance/preempted"
+    before = get(server, path)
+    config.write_text(json.dumps(document_with_events(
+        {"maintenance": [{"at": "9999-12-31T23:59:59Z"}],
+         "preemption": {"at": time.time() + 1.5}})))
+    assert server.reload()
+    reply = fetch(server, path + "?wait_for_change=true&timeout_sec=15&last_etag="
+                  + before.header("ETag"), timeout=30)
+    assert reply.body == b"TRUE", reply
 
 
 @pytest.mark.parametrize("events, reason", [

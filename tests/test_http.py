@@ -152,6 +152,36 @@ def test_server_threads_are_daemons(mds_server_factory):
         connection.close()
 
 
+def test_a_stopped_server_answers_nothing_more_on_open_connections(mds_server_factory):
+    server = mds_server_factory()
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        connection.request("GET", V1 + "project/project-id", headers=GOOGLE)
+        assert connection.getresponse().read()
+        server.stop()
+        with pytest.raises((http.client.HTTPException, OSError)):
+            connection.request("GET", V1 + "project/project-id", headers=GOOGLE)
+            connection.getresponse().read()
+    finally:
+        connection.close()
+
+
+def test_start_twice_is_one_server(mds_server_factory):
+    import threading
+
+    def listeners():
+        return [t for t in threading.enumerate() if t.name == "mds-http"]
+
+    before = len(listeners())
+    import mds
+    with mds.MetadataServer(port=0).start() as server:   # __enter__ starts it again
+        port = server.port
+        assert len(listeners()) == before + 1
+    assert len(listeners()) == before
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
 def test_starting_does_no_hostname_lookup(mds_server_factory, monkeypatch):
     """http.server resolves the bind address to an FQDN, which can be a slow DNS query."""
     def no_lookups(*args):

@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+import mds
 from clients import MdsCli
 
 V1 = "/computeMetadata/v1/"
@@ -376,6 +377,25 @@ def test_a_bad_reload_keeps_the_last_good_tree_and_logs_why(file_server, config_
     file_server.request_reload()
     assert wait_for_body(file_server, "instance/attributes/dash-key", b"recovered",
                          RELOAD_DEADLINE_SECONDS) is not None
+
+
+def test_a_bad_reload_with_command_line_overrides_keeps_the_watcher(tmp_path, caplog):
+    # The project given on the command line is applied to every reloaded document; one of
+    # the wrong shape must fail that reload only.
+    config = tmp_path / "config.json"
+    write_document(config, document_with_attribute("before"))
+    server = mds.MetadataServer(config=str(config), port=0, poll_interval=0.05,
+                                identity={"project_id": "flag-project"})
+    server.start()
+    try:
+        config.write_text('{"computeMetadata": {"v1": {"instance": "oops"}}}')
+        assert not server.reload()
+        write_document(config, document_with_attribute("after"))
+        assert wait_for_body(server, "instance/attributes/dash-key", b"after",
+                             RELOAD_DEADLINE_SECONDS) is not None
+        assert text(server, "project/project-id") == "flag-project"
+    finally:
+        server.stop()
 
 
 def test_sighup_reloads_a_running_cli_server(tmp_path, config_file):
