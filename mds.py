@@ -625,8 +625,9 @@ class GceFlavor:
         self.server = server
         self.variant = variant
         self.server_header = self.SERVER_HEADERS[variant]
-        self.common_headers = [("Metadata-Flavor", "Google"), ("X-XSS-Protection", "0"),
-                               ("X-Frame-Options", "SAMEORIGIN")]
+        self.common_headers = [("Metadata-Flavor", "Google")]
+        if variant != "gke":            # GKE's answers carry no browser headers (spec 13)
+            self.common_headers += [("X-XSS-Protection", "0"), ("X-Frame-Options", "SAMEORIGIN")]
 
     # -- the document -----------------------------------------------------------------------
 
@@ -642,7 +643,6 @@ class GceFlavor:
                 "serviceAccounts": v1["instance"]["serviceAccounts"],
                 "zone": "projects/%d/zones/us-central1-1" % number,
             }
-            v1.pop("oslogin", None)
         elif self.variant == "gke":
             # The GKE metadata server exposes a subset, with the cluster in the attributes (13).
             instance = v1["instance"]
@@ -651,6 +651,10 @@ class GceFlavor:
             v1["instance"]["attributes"] = {"cluster-location": "us-central1",
                                             "cluster-name": "mds-cluster",
                                             "cluster-uid": "4b5f1c3e9d2a4e7f8c6b1a0d3e5f7a9b"}
+        if self.variant != "gce":
+            # Both serve only the project's ids (spec 12, 13) and no OS Login sessions.
+            v1["project"].pop("attributes", None)
+            v1.pop("oslogin", None)
         return document
 
     def compile(self, document):
@@ -662,7 +666,7 @@ class GceFlavor:
             if set(document) - {"mds"}:
                 raise ConfigError('the document has no "computeMetadata" (it has %s)'
                                   % ", ".join(sorted(map(repr, set(document) - {"mds"}))))
-            top = default_gce_document()["computeMetadata"]
+            top = self.default_document()["computeMetadata"]      # this variant's own tree
         if not isinstance(top, dict) or not isinstance(top.get("v1"), dict):
             raise ConfigError('expected {"computeMetadata": {"v1": {...}}}')
         v1 = dict(top["v1"])
@@ -872,7 +876,7 @@ class GceFlavor:
         """Map a URL path under /computeMetadata/v1/ to a key path in the document."""
         document = self.server.store.document
         if "computeMetadata" not in document:
-            document = default_gce_document()
+            document = self.default_document()
         keys, node, doc_path = ["computeMetadata", "v1"], document["computeMetadata"]["v1"], ()
         for segment in [s for s in path.strip("/").split("/") if s]:
             if isinstance(node, list):
@@ -1022,8 +1026,8 @@ class GceFlavor:
                                                                request.query.get("scopes", ""))
                                   if s.strip()}))
         source = account.source
-        if requested and source.honours_scopes:
-            scopes = requested
+        if requested and (source.honours_scopes or self.variant == "serverless"):
+            scopes = requested          # Cloud Run honours ?scopes= even for its own tokens
         elif not requested and getattr(source, "unscoped_audience", None):
             scopes = ()         # the source mints an audience-bound token instead
         else:
@@ -1110,8 +1114,12 @@ class GceFlavor:
 
     def forbidden(self, request, reason="Missing Metadata-Flavor:Google header."):
         if self.variant == "gke":
-            return Response(403, 'GKE Metadata Server encountered an error: Missing required '
-                            'header "Metadata-Flavor": "Google"\n', "text/plain; charset=utf-8",
+            # [INFER] GKE's wording is known for the missing header only; other refusals
+            # (X-Forwarded-For) say their own reason in the same shape.
+            why = ('Missing required header "Metadata-Flavor": "Google"'
+                   if reason.startswith("Missing") else reason)
+            return Response(403, "GKE Metadata Server encountered an error: %s\n" % why,
+                            "text/plain; charset=utf-8",
                             [("X-Content-Type-Options", "nosniff")], bare=True)
         message = ("Your client does not have permission to get URL <code>%s</code> from this "
                    "server. %s" % (html_escape(request.path), reason))
