@@ -3730,8 +3730,21 @@ class TpmSigner:
     def sign(self, message):
         """RSASSA-PKCS1-v1_5 / SHA-256 signature over `message`, made inside the TPM."""
         digest = hashlib.sha256(message).digest()
-        with self._lock:
-            return self._call_with_recovery(lambda: self._sign_locked(digest))
+        # One signature at a time; a TPM that stopped answering must not queue every request
+        # behind it for ever.
+        if not self._lock.acquire(timeout=MINT_BUDGET):
+            raise TpmError("the TPM at %s is not answering: a signature has been pending for "
+                           "over %d s" % (self.tcti, MINT_BUDGET), status=503)
+        try:
+            signature = self._call_with_recovery(lambda: self._sign_locked(digest))
+        finally:
+            self._lock.release()
+        # Checked with the public key, as RsaKey checks its CRT: a signature that does not
+        # verify must become an error here, not a token that fails wherever it is presented.
+        if not rsa_verify(self._n, self._e, message, signature):
+            raise TpmError("the TPM's signature does not verify against the key's public part; "
+                           "refusing to use it")
+        return signature
 
     def public_numbers(self):
         return (self._n, self._e)
@@ -3798,15 +3811,26 @@ class TpmSigner:
         for attempt in (1, 2):
             try:
                 return operation()
+            except TpmError:
+                raise
             except _Step as step:
-                if attempt == 1 and self._recoverable(step):
+                if self._recoverable(step):
+                    # Start the next attempt (or the next request) from a fresh connection:
+                    # one half-rebuilt would fail every request until a restart.
                     self._disconnect_locked()
-                    continue
+                    if attempt == 1:
+                        continue
                 raise TpmError(self._explain(step)) from None
             except self._tpm.TSS2_Exception as exc:
                 # A call not wrapped in a named _step (setting auth, reading a name, parsing a
                 # selection): still the TPM's refusal, so a TpmError, never an internal error.
                 raise TpmError("TPM error: %s" % exc) from None
+            except Exception as exc:         # the TSS lost track of our objects
+                self._disconnect_locked()
+                if attempt == 1:
+                    continue
+                raise TpmError("TPM state lost and not rebuilt: %s: %s"
+                               % (type(exc).__name__, exc)) from None
 
     def _recoverable(self, step):
         rc = getattr(step.exc, "rc", None)
@@ -4025,7 +4049,7 @@ class TpmSigner:
     def _sign_locked(self, digest):
         tpm = self._tpm
         constants = tpm.constants
-        if self._ectx is None:
+        if self._ectx is None or (self._persistent_tr is None and self._key_context is None):
             self._prepare_locked()
         ectx = self._ectx
         flush_later = []
@@ -4051,7 +4075,10 @@ class TpmSigner:
                 # policy holds exactly when they still equal the ones the key was bound to.
                 _step("policy pcr", ectx.policy_pcr, session, tpm.TPM2B_DIGEST(), selection)
                 if self._key_password:
-                    _step("policy password", ectx.policy_password, session)
+                    # PolicyAuthValue, not PolicyPassword (same policy digest): the password
+                    # then keys the session's HMAC instead of travelling in clear, which also
+                    # keeps it right with parameter encryption.
+                    _step("policy auth value", ectx.policy_auth_value, session)
             elif encrypt:
                 session = _step("start session", ectx.start_auth_session, salt_key,
                                 tpm.ESYS_TR.NONE, constants.TPM2_SE.HMAC,

@@ -283,6 +283,83 @@ def test_session_encryption_with_pcr_policy_and_key_file(tools, swtpm, key_pem, 
         assert "encrypted sessions" in signer.describe()
 
 
+def test_session_encryption_with_a_pcr_and_password_policy(tools, swtpm, key_pem, known_key):
+    # PolicyPCR + PolicyPassword, the key password and an encrypted session together: the
+    # TPM must sign our digest (with PolicyPassword sent in clear beside parameter
+    # encryption, it signed another one and every token failed verification).
+    _, _, ek_name = tools.create_ek()
+    parent = tools.h2_primary()
+    tools.run("tpm2_startauthsession", "-S", "pcrpw.ctx", flush=False)
+    tools.run("tpm2_policypcr", "-S", "pcrpw.ctx", "-l", "sha256:23", flush=False)
+    tools.run("tpm2_policypassword", "-S", "pcrpw.ctx", "-L", "pcrpw.policy", flush=False)
+    tools.run("tpm2_flushcontext", "pcrpw.ctx")
+    pub, prv = tools.import_key(key_pem, parent, key_password="pcr-and-pw-77",
+                                policy="pcrpw.policy", prefix="pcrpw")
+    pem_path = tools.encode(parent, pub, prv, "pcrpw.tss.pem")
+    for encrypted in (None, ek_name):
+        with mds.TpmSigner(tcti=swtpm, key_file=pem_path, pcrs="23",
+                           key_password="pcr-and-pw-77",
+                           session_encrypt_with_name=encrypted) as signer:
+            for number in range(3):
+                verify(known_key.public_key(), signer.sign(MESSAGE + b"%d" % number),
+                       MESSAGE + b"%d" % number)
+
+
+def test_a_signature_that_does_not_verify_is_refused(tools, swtpm, key_pem, known_key):
+    # As if the TPM (or the TSS between us) signed something else: the public key catches it.
+    parent = tools.h2_primary()
+    pub, prv = tools.import_key(key_pem, parent)
+    pem_path = tools.encode(parent, pub, prv, "check.tss.pem")
+    with mds.TpmSigner(tcti=swtpm, key_file=pem_path) as signer:
+        signer._n = rsa.generate_private_key(65537, 2048).public_key().public_numbers().n
+        with pytest.raises(mds.TpmError) as caught:
+            signer.sign(MESSAGE)
+        assert caught.value.status == 502 and "does not verify" in str(caught.value)
+
+
+def test_a_failed_rebuild_after_a_tpm_restart_is_retried_later(tools, swtpm_process, key_pem,
+                                                               known_key):
+    parent = tools.h2_primary()
+    pub, prv = tools.import_key(key_pem, parent)
+    pem_path = tools.encode(parent, pub, prv, "rebuild.tss.pem")
+    with mds.TpmSigner(tcti=swtpm_process.tcti, key_file=pem_path) as signer:
+        verify(known_key.public_key(), signer.sign(MESSAGE))
+        swtpm_process.restart()
+        for number in range(3):       # another user holds every object slot for a moment
+            tools.run("tpm2_createprimary", "-C", "o", "-c", "hog%d.ctx" % number, "-Q",
+                      flush=False)
+        with pytest.raises(mds.TpmError) as caught:
+            signer.sign(MESSAGE)
+        assert caught.value.status == 502 and "OBJECT_MEMORY" in str(caught.value)
+        tools.run("tpm2_flushcontext", "-t")
+        for _ in range(3):            # the TPM is fine again, and so is every later request
+            verify(known_key.public_key(), signer.sign(MESSAGE))
+
+
+def test_a_tpm_that_stops_answering_gets_requests_a_bounded_wait(tools, swtpm_process,
+                                                                 key_pem, known_key,
+                                                                 monkeypatch):
+    import signal
+
+    parent = tools.h2_primary()
+    pub, prv = tools.import_key(key_pem, parent)
+    pem_path = tools.encode(parent, pub, prv, "hang.tss.pem")
+    monkeypatch.setattr(mds, "MINT_BUDGET", 1.0)
+    with mds.TpmSigner(tcti=swtpm_process.tcti, key_file=pem_path) as signer:
+        swtpm_process.process.send_signal(signal.SIGSTOP)
+        first = threading.Thread(target=lambda: signer.sign(MESSAGE), daemon=True)
+        try:
+            first.start()
+            time.sleep(0.3)           # the first signature now waits on the frozen TPM
+            with pytest.raises(mds.TpmError) as caught:
+                signer.sign(MESSAGE)
+            assert caught.value.status == 503 and "not answering" in str(caught.value)
+        finally:
+            swtpm_process.process.send_signal(signal.SIGCONT)
+        first.join(30)
+        verify(known_key.public_key(), signer.sign(MESSAGE))
+
+
 # -- startup failures: one clear line ----------------------------------------------------------
 
 def test_startup_errors_are_one_clear_line(swtpm, tmp_path):
