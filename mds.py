@@ -123,8 +123,10 @@ class Node:
     def finish(self):
         """Compute the ETag: a content hash, so it changes exactly when the content does."""
         if self.kind == "dir":
-            parts = ["%s=%s" % (n, c.etag) for n, c in sorted(self.children.items())]
-            self.etag = short_hash(("dir:" + ";".join(parts)).encode())
+            # The JSON spelling and list-ness are content too: the recursive JSON shows them.
+            parts = ["%s:%s=%s" % (n, c.json_key, c.etag) for n, c in sorted(self.children.items())]
+            self.etag = short_hash((("list:" if self.indexed else "dir:")
+                                    + ";".join(parts)).encode())
         elif self.kind == "leaf":
             self.etag = short_hash(canonical_json(self.value).encode())
         else:
@@ -759,7 +761,7 @@ class GceFlavor:
 
     def _accounts(self, v1, settings):
         instance = v1.get("instance") or {}
-        raw = instance.get("serviceAccounts") or {}
+        raw = instance.get("serviceAccounts") or instance.get("service-accounts") or {}
         if not isinstance(raw, dict):
             raise ConfigError("instance.serviceAccounts must be an object keyed by email")
         per_account = settings.get("serviceAccounts") or {}
@@ -770,7 +772,10 @@ class GceFlavor:
             address = entry.get("email") or (key if key != "default" else None)
             if not address:
                 raise ConfigError("instance.serviceAccounts.default needs an \"email\"")
-            entries.setdefault(address, entry)
+            # The entry keyed by the e-mail is the account's own; a "default" entry beside it
+            # only says which account is the primary.
+            if key != "default" or address not in entries:
+                entries[address] = entry
             if primary is None and (key == "default" or "default" in (entry.get("aliases")
                                                                       or [])):
                 primary = address
@@ -783,7 +788,7 @@ class GceFlavor:
             if spec is None and address == primary:
                 spec = self.server.credentials     # the command line speaks for `default`
             accounts[address] = Account(
-                address, entry.get("scopes") or list(DEFAULT_SCOPES),
+                address, _scope_list(entry.get("scopes", DEFAULT_SCOPES), address),
                 ["default"] if address == primary else (entry.get("aliases") or []),
                 str(options.get("uniqueId") or unique_id_for(address)),
                 self.server.source_for(address, spec, options))
@@ -805,6 +810,10 @@ class GceFlavor:
             else:
                 url_name = dash_case(key)
                 child_json = key if "-" not in key else camel_case(key)
+            if url_name in node.children:
+                raise ConfigError("%s: keys %r and %r are both served as %r; keep one"
+                                  % (".".join(path) or "v1", node.children[url_name].json_key,
+                                     key, url_name))
             node.children[url_name] = self._compile_value(url_name, child_json, child_value,
                                                           path + (child_json,), accounts, raw)
         return node.finish()
@@ -875,21 +884,28 @@ class GceFlavor:
     def document_keys(self, path):
         """Map a URL path under /computeMetadata/v1/ to a key path in the document."""
         document = self.server.store.document
-        if "computeMetadata" not in document:
-            document = self.default_document()
         keys, node, doc_path = ["computeMetadata", "v1"], document["computeMetadata"]["v1"], ()
+        raw = False
         for segment in [s for s in path.strip("/").split("/") if s]:
             if isinstance(node, list):
+                # An existing element, or the next one (appended); nothing else.
+                if not segment.isdigit() or int(segment) > len(node):
+                    raise ConfigError("%s: no list element %r (the list has %d)"
+                                      % (path, segment, len(node)))
                 keys.append(int(segment))
                 node = node[int(segment)] if int(segment) < len(node) else None
                 doc_path += ("*",)
                 continue
             node = node if isinstance(node, dict) else {}
-            if doc_path == ("instance", "serviceAccounts") and segment == "default" \
-                    and "default" not in node:
-                segment = next((k for k, v in node.items()
-                                if "default" in (v or {}).get("aliases", [])), segment)
-            if _user_container(doc_path) or segment in node:
+            if doc_path == ("instance", "serviceAccounts") and segment == "default":
+                # The primary account: its e-mail entry when there is one, which is the one
+                # served (a "default" entry beside it only names it).
+                primary = _primary_email(node)
+                segment = next((k for k, v in node.items() if k != "default" and (
+                    k == primary or isinstance(v, dict) and v.get("email") == primary)),
+                    segment)
+            raw = raw or _user_container(doc_path)
+            if raw or segment in node:
                 key = segment
             else:
                 key = next((k for k in node if dash_case(str(k)) == segment), camel_case(segment))
@@ -897,6 +913,14 @@ class GceFlavor:
             doc_path += (key,)
             node = node.get(key)
         return keys
+
+    def complete(self, document):
+        """The document with this variant's built-in tree when it has none (a config of
+        "mds" settings only), so that updates add to what is served instead of replacing it."""
+        if isinstance(document, dict) and "computeMetadata" not in document and \
+                not set(document) - {"mds"}:
+            document = dict(document, computeMetadata=self.default_document()["computeMetadata"])
+        return document
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -1151,6 +1175,19 @@ class GceFlavor:
             for start, end, key, value in self.server.store.tree.events]
 
 
+def _scope_list(scopes, address):
+    """A service account's scopes: a list, or one string of them separated by commas or
+    spaces (as ?scopes= takes them); an empty list is a VM created without scopes."""
+    if scopes is None:
+        return list(DEFAULT_SCOPES)
+    if isinstance(scopes, str):
+        scopes = re.split(r"[,\s]+", scopes.strip())
+    if not isinstance(scopes, (list, tuple)) or not all(isinstance(s, str) for s in scopes):
+        raise ConfigError("instance.serviceAccounts.%s.scopes must be a list of scope URLs"
+                          % address)
+    return [scope for scope in scopes if scope]
+
+
 def _whole_number(value, default):
     """An int from a number or digit text (a config value), else `default`."""
     if isinstance(value, bool):
@@ -1167,7 +1204,7 @@ def _primary_email(accounts):
     """The email of the account served as `default` in an instance.serviceAccounts object."""
     for key, entry in accounts.items():
         if isinstance(entry, dict) and (key == "default" or "default" in (entry.get("aliases")
-                                                                          or [])):
+                                                                          or ())):
             return entry.get("email") or (key if key != "default" else None)
     for key, entry in accounts.items():
         return (entry or {}).get("email") or key
@@ -1220,8 +1257,14 @@ def _render_leaf_text(node):
     return _text_value(value).encode("utf-8")
 
 
+def _listing_order(node):
+    if node.indexed:
+        return sorted(node.children, key=int)       # 0/ 1/ 2/ ... 10/, as the JSON lists them
+    return sorted(node.children, key=lambda n: n.encode("utf-8"))
+
+
 def _render_listing(node):
-    names = sorted(node.children, key=lambda n: n.encode("utf-8"))
+    names = _listing_order(node)
     return "".join(n + ("/\n" if node.children[n].is_dir else "\n") for n in names).encode()
 
 
@@ -1239,7 +1282,7 @@ def _render_text(node):
             for value in values:
                 lines.append("%s %s\n" % (prefix, _text_value(value)))
         elif current.kind == "dir":
-            for name in sorted(current.children):
+            for name in _listing_order(current):
                 walk(current.children[name], prefix + "/" + name if prefix else name)
 
     walk(node, "")
@@ -5891,6 +5934,8 @@ class MetadataServer:
     def _prepare(self, document):
         """Apply the command line's identity (project, primary account) to a loaded document,
         and read the file names in its credentials relative to the config file."""
+        if hasattr(self.flavor, "complete"):
+            document = self.flavor.complete(document)
         if self.config_path:
             document = _resolve_credential_paths(document, os.path.dirname(
                 os.path.abspath(self.config_path)))
@@ -5945,7 +5990,9 @@ class MetadataServer:
         try:
             with open(self.config_path, "rb") as handle:
                 self._config_stamp = self._stamp()
-                document = json.loads(handle.read().decode("utf-8"))
+                document = json.loads(handle.read().decode("utf-8"),
+                                      parse_constant=_refuse_json_constant,
+                                      parse_float=_finite_float)
         except OSError as exc:
             raise ConfigError("cannot read %s: %s" % (self.config_path, exc.strerror or exc))
         except ValueError as exc:
@@ -6046,6 +6093,17 @@ class MetadataServer:
             if self._certificate is None or self._certificate[0] is not key:
                 self._certificate = (key, x509_self_signed(key, "mds metadata server signing key"))
             return self._certificate[1]
+
+
+def _refuse_json_constant(name):
+    raise ValueError("%s is not JSON (and could not be served as JSON)" % name)
+
+
+def _finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("%s is too large for a JSON number" % text)
+    return value
 
 
 def _resolve_credential_paths(document, base):

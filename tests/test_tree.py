@@ -421,6 +421,110 @@ def test_sighup_reloads_a_running_cli_server(tmp_path, config_file):
 # ---- runtime update / delete ----------------------------------------------------------------
 
 
+def test_an_update_on_a_settings_only_config_adds_to_the_built_in_vm(mds_server_factory):
+    server = mds_server_factory(config={"mds": {"instanceCreationTimestamp": 1767225600}})
+    project = text(server, "project/project-id")
+    email = text(server, "instance/service-accounts/default/email")
+    server.update("instance/attributes/added", "yes")
+    assert text(server, "instance/attributes/added") == "yes"
+    assert text(server, "project/project-id") == project
+    assert text(server, "instance/service-accounts/default/email") == email
+
+
+def test_an_update_of_the_primary_account_is_served_under_both_names(server):
+    new_scopes = ["https://www.googleapis.com/auth/devstorage.read_only"]
+    server.update("instance/service-accounts/%s/scopes" % EMAIL, new_scopes)
+    assert text(server, "instance/service-accounts/default/scopes") == new_scopes[0] + "\n"
+    server.update("instance/service-accounts/default/scopes", ["https://x.example/s"])
+    assert text(server, "instance/service-accounts/%s/scopes" % EMAIL) == \
+        "https://x.example/s\n"
+
+
+def test_keys_below_an_attribute_object_keep_their_spelling_in_updates(mds_server_factory):
+    document = copy.deepcopy(DOCUMENT)
+    document["computeMetadata"]["v1"]["instance"]["attributes"]["cfg"] = {"fooBar": 1}
+    server = mds_server_factory(config=document)
+    server.update("instance/attributes/cfg/new-key", "v")
+    assert text(server, "instance/attributes/cfg/new-key") == "v"
+    server.update("instance/attributes/cfg/foo-bar", 2)
+    assert text(server, "instance/attributes/cfg/fooBar") == "1"
+    assert text(server, "instance/attributes/cfg/foo-bar") == "2"
+
+
+@pytest.mark.parametrize("path", ["instance/disks/-1/device-name", "instance/disks/x/type",
+                                  "instance/disks/5/device-name"])
+def test_list_elements_are_addressed_by_their_index_or_the_next_one(server, path):
+    before = fetch(server, V1 + "instance/?recursive=true").body
+    with pytest.raises(mds.ConfigError) as caught:
+        server.update(path, "nope")
+    assert "no list element" in str(caught.value)
+    assert fetch(server, V1 + "instance/?recursive=true").body == before
+    server.update("instance/disks/2", {"deviceName": "third", "index": 2})
+    assert text(server, "instance/disks/2/device-name") == "third"
+
+
+@pytest.mark.parametrize("scopes, served", [
+    ("https://a.example/s1, https://a.example/s2", "https://a.example/s1\nhttps://a.example/s2\n"),
+    ([], ""),
+])
+def test_odd_scope_shapes_are_served_as_what_they_mean(mds_server_factory, scopes, served):
+    document = copy.deepcopy(DOCUMENT)
+    for entry in document["computeMetadata"]["v1"]["instance"]["serviceAccounts"].values():
+        entry["scopes"] = scopes
+    server = mds_server_factory(config=document)
+    assert text(server, "instance/service-accounts/default/scopes") == served
+
+
+def test_a_dash_case_service_accounts_key_is_read(mds_server_factory):
+    document = copy.deepcopy(DOCUMENT)
+    instance = document["computeMetadata"]["v1"]["instance"]
+    instance["service-accounts"] = instance.pop("serviceAccounts")
+    server = mds_server_factory(config=document)
+    assert text(server, "instance/service-accounts/default/email") == EMAIL
+
+
+def test_keys_served_under_one_name_are_refused(mds_server_factory):
+    document = copy.deepcopy(DOCUMENT)
+    document["computeMetadata"]["v1"]["instance"]["fooBar"] = "camel"
+    document["computeMetadata"]["v1"]["instance"]["foo-bar"] = "dash"
+    with pytest.raises(mds.ConfigError) as caught:
+        mds.MetadataServer(config=document)
+    assert "fooBar" in str(caught.value) and "foo-bar" in str(caught.value)
+
+
+def test_directory_etags_follow_what_the_recursive_json_shows(mds_server_factory):
+    etags = set()
+    for extra in ({"FooBar": {"x": "1"}}, {"fooBar": {"x": "1"}}):
+        document = copy.deepcopy(DOCUMENT)
+        document["computeMetadata"]["v1"]["instance"]["customSection"] = extra
+        server = mds_server_factory(config=document)
+        etags.add(fetch(server, V1 + "instance/custom-section/?recursive=true")
+                  .headers.get("ETag"))
+    assert len(etags) == 2
+
+
+def test_indexed_directories_list_in_numeric_order(mds_server_factory):
+    document = copy.deepcopy(DOCUMENT)
+    document["computeMetadata"]["v1"]["instance"]["disks"] = [
+        {"deviceName": "d%d" % n, "index": n} for n in range(12)]
+    server = mds_server_factory(config=document)
+    assert text(server, "instance/disks/") == "".join("%d/\n" % n for n in range(12))
+    lines = fetch(server, V1 + "instance/disks/?recursive=true&alt=text").body.decode()
+    assert [line.split("/")[0] for line in lines.splitlines() if "device-name" in line] == \
+        [str(n) for n in range(12)]
+
+
+@pytest.mark.parametrize("content", ['{"computeMetadata": {"v1": {"project": {"r": NaN}}}}',
+                                     '{"computeMetadata": {"v1": {"project": {"r": 1e400}}}}'])
+def test_numbers_json_cannot_carry_are_refused(tmp_path, content):
+    config = tmp_path / "config.json"
+    config.write_text(content)
+    with pytest.raises(mds.ConfigError) as caught:
+        mds.MetadataServer(config=str(config))
+    assert "JSON" in str(caught.value)
+
+
+
 def test_update_changes_what_is_served(server):
     server.update("instance/attributes/dash-key", "updated")
     assert text(server, "instance/attributes/dash-key") == "updated"
