@@ -161,6 +161,14 @@ def resolve(root, segments):
     return node
 
 
+def _list_index(key, items, allow_append=False):
+    """A path segment as an index into `items` (an existing element, or the next one)."""
+    index = int(key) if isinstance(key, int) or str(key).isdigit() else -1
+    if not 0 <= index < len(items) + (1 if allow_append else 0):
+        raise ConfigError("no list element %r (the list has %d)" % (key, len(items)))
+    return index
+
+
 class MetadataStore:
     """The served document, its compiled tree, and the condition that change-waiters sleep on.
 
@@ -191,10 +199,11 @@ class MetadataStore:
         with self.changed:
             document = copy.deepcopy(self.document)
             parent = document
+            keys = list(keys)
             for i, key in enumerate(keys[:-1]):
                 following = keys[i + 1]
                 if isinstance(parent, list):
-                    parent = parent[key]
+                    parent = parent[_list_index(key, parent)]
                     continue
                 if key not in parent or not isinstance(parent[key], (dict, list)):
                     if delete:
@@ -202,6 +211,8 @@ class MetadataStore:
                     parent[key] = [] if isinstance(following, int) else {}
                 parent = parent[key]
             last = keys[-1]
+            if isinstance(parent, list):
+                last = _list_index(last, parent, allow_append=not delete)
             if delete:
                 del parent[last]
             elif isinstance(parent, list) and last == len(parent):
@@ -250,16 +261,23 @@ def _event_time(spec, started_at, where):
     `where` names the setting in errors ("mds.ec2.events.spot")."""
     if "at" in spec and spec["at"] is not None:
         at = spec["at"]
-        if isinstance(at, (int, float)):
-            return float(at)
+        if isinstance(at, (int, float)) and not isinstance(at, bool):
+            return _checked_moment(float(at), where + ".at")
         try:
             return parse_imds_time(str(at))
         except ValueError:
             raise ConfigError("%s.at must be epoch seconds or an ISO time" % where)
     try:
-        return started_at + _seconds(spec.get("after", 0))
+        moment = started_at + _seconds(spec.get("after", 0))
     except (TypeError, ValueError):
         raise ConfigError("%s.after must be seconds or a duration" % where)
+    return _checked_moment(moment, where)
+
+
+def _checked_moment(moment, where):
+    if not 0 <= moment <= 253402300799:      # 1970 to 9999: what a timestamp can print
+        raise ConfigError("%s is out of range (1970 to 9999)" % where)
+    return moment
 
 
 # ---- HTTP handling ---------------------------------------------------------------------------
@@ -1432,6 +1450,20 @@ def _rfc1123_short(epoch):
     return "%d %s" % (moment.tm_mday, time.strftime("%b %Y %H:%M:%S GMT", moment))
 
 
+def _check_role_name(role, where):
+    # None means "no instance profile"; anything else is a name served in paths and ARNs.
+    if role is not None and (not isinstance(role, str) or not role or "/" in role):
+        raise ConfigError("%s must be a role name (text without \"/\") or null, not %r"
+                          % (where, role))
+
+
+def _event_seconds(spec, field, default, kind):
+    try:
+        return _seconds(spec.get(field, default))
+    except (TypeError, ValueError):
+        raise ConfigError("mds.ec2.events.%s.%s must be seconds or a duration" % (kind, field))
+
+
 class _Computed(object):
     """A leaf rendered at request time (credentials, events, signatures); None means 404."""
 
@@ -1563,6 +1595,10 @@ class Ec2Flavor(object):
             raise ConfigError('"ec2"."meta-data"."iam" is computed: configure roles under '
                               '"mds"."ec2"."roles" instead')
         merged = self._default_meta_data(meta, tree)
+        events = merged.get("events")
+        if not isinstance(events, dict) or not isinstance(events.get("maintenance", {}), dict):
+            raise ConfigError('"meta-data"."events" is a directory (maintenance/, ...): '
+                              'configure events under "mds"."ec2"."events"')
         tree.meta = self._compile_dir(merged, ("meta-data",), tree)
         tree.user_data = self._user_data(section.get("user-data"))
         tree.identity_document = self._identity_document(tree, merged, section)
@@ -1586,8 +1622,11 @@ class Ec2Flavor(object):
 
     def _compile_settings(self, tree, settings):
         options = self.options
-        tree.imdsv2_required = bool(options.get("imdsv2_required")
-                                    or settings.get("imdsv2_required"))
+        required = settings.get("imdsv2_required", False)
+        if not isinstance(required, bool):
+            raise ConfigError('"mds"."ec2"."imdsv2_required" must be true or false, not %r'
+                              % (required,))
+        tree.imdsv2_required = bool(options.get("imdsv2_required")) or required
         roles = settings.get("roles") or {}
         if not isinstance(roles, dict):
             raise ConfigError('"mds"."ec2"."roles" must map role names to settings')
@@ -1613,6 +1652,7 @@ class Ec2Flavor(object):
                 "source": "static", "aws_profile": options.get("aws_profile")})
         elif options.get("role_name"):
             default_role = options["role_name"]
+        _check_role_name(default_role, '"mds"."ec2"."role"')
         tree.default_role = default_role
         clients = settings.get("clients") or {}
         if not isinstance(clients, dict):
@@ -1623,6 +1663,11 @@ class Ec2Flavor(object):
             except ValueError:
                 raise ConfigError('"mds"."ec2"."clients": %r is not an IP address or CIDR'
                                   % address)
+            mapped = getattr(network.network_address, "ipv4_mapped", None)
+            if mapped is not None and network.prefixlen >= 96:
+                # Clients are matched by their IPv4 form; so is "::ffff:10.0.0.0/104".
+                network = ipaddress.ip_network("%s/%d" % (mapped, network.prefixlen - 96))
+            _check_role_name(role, '"mds"."ec2"."clients".%s' % address)
             tree.client_roles.append((network, role))
         tree.client_roles.sort(key=lambda item: -item[0].prefixlen)
         for role in [tree.default_role] + [r for _, r in tree.client_roles]:
@@ -1638,7 +1683,11 @@ class Ec2Flavor(object):
         tree.events = self._compile_events(events, tree.started_at)
         ecs = settings.get("ecs") or {}
         tree.ecs_path = ecs.get("path") or ECS_CREDENTIALS_PATH
+        if not isinstance(tree.ecs_path, str) or not tree.ecs_path.startswith("/"):
+            raise ConfigError('"mds"."ec2"."ecs"."path" must be a path starting with "/"')
         tree.ecs_auth_token = options.get("ecs_auth_token") or ecs.get("auth_token")
+        if tree.ecs_auth_token is not None and not isinstance(tree.ecs_auth_token, str):
+            raise ConfigError('"mds"."ec2"."ecs"."auth_token" must be text')
 
     def _role_spec(self, name, spec):
         if isinstance(spec, str):
@@ -1656,6 +1705,10 @@ class Ec2Flavor(object):
                               % (name, source))
         if source == "assume-role" and not spec.get("role_arn"):
             raise ConfigError("role %s: assume-role needs role_arn" % name)
+        if spec.get("role_arn") is not None and not re.match(
+                r"^arn:aws[\w-]*:iam::\d{12}:role/.+", str(spec["role_arn"])):
+            raise ConfigError("role %s: role_arn %r is not an IAM role ARN"
+                              % (name, spec["role_arn"]))
         # Checked here, not when the provider is built, so that a bad value fails the whole
         # (re)load before any running provider is touched.  STS's own range is 900-43200 s.
         for field, low, high, whole in (("duration", 900, 43200, True),
@@ -1684,7 +1737,7 @@ class Ec2Flavor(object):
             notice_at = _event_time(spot, started_at, "mds.ec2.events.spot")
             # The action time is two minutes after the notice, as on EC2.
             compiled["spot"] = (notice_at, action,
-                                notice_at + float(spot.get("notice", 120)))
+                                notice_at + _event_seconds(spot, "notice", 120, "spot"))
         rebalance = events.get("rebalance")
         if rebalance:
             rebalance = {} if rebalance is True else dict(rebalance)
@@ -1696,7 +1749,8 @@ class Ec2Flavor(object):
         compiled["maintenance"] = []
         for index, event in enumerate(maintenance):
             visible_at = _event_time(event, started_at, "mds.ec2.events.maintenance")
-            not_before = visible_at + float(event.get("starts_in", 7 * 86400))
+            not_before = visible_at + _event_seconds(event, "starts_in", 7 * 86400,
+                                                     "maintenance")
             entry = collections.OrderedDict()
             entry["NotBefore"] = _rfc1123_short(not_before)
             entry["Code"] = event.get("code", "system-reboot")
@@ -1705,7 +1759,7 @@ class Ec2Flavor(object):
                 "%s/%d/%s" % (entry["Code"], index, not_before), 16)
             ends_at = None
             if event.get("duration", 1200) is not None:
-                ends_at = not_before + float(event.get("duration", 1200))
+                ends_at = not_before + _event_seconds(event, "duration", 1200, "maintenance")
                 entry["NotAfter"] = _rfc1123_short(ends_at)
             entry["State"] = event.get("state", "active")
             compiled["maintenance"].append((visible_at, ends_at, entry))
@@ -1713,6 +1767,9 @@ class Ec2Flavor(object):
         if lifecycle:
             lifecycle = {} if lifecycle is True else dict(lifecycle)
             starts = _event_time(lifecycle, started_at, "mds.ec2.events.autoscaling")
+            for field in ("initial", "state"):
+                if not isinstance(lifecycle.get(field, ""), str):
+                    raise ConfigError("mds.ec2.events.autoscaling.%s must be text" % field)
             compiled["autoscaling"] = (starts, lifecycle.get("initial", "InService"),
                                        lifecycle.get("state", "Terminated"))
         return compiled
@@ -1735,6 +1792,10 @@ class Ec2Flavor(object):
             raise ConfigError("placement: availability-zone %s is not in region %s (clients "
                               "derive the region from the zone)" % (zone, region))
         tree.region = region
+        for key in ("local-ipv4", "public-ipv4", "mac", "instance-id"):
+            if meta.get(key) is not None and not isinstance(meta[key], str):
+                raise ConfigError('"meta-data"."%s" must be text (other values are derived '
+                                  'from it)' % key)
         local_ip = str(meta.get("local-ipv4") or "172.31.16.10")
         public_ip = meta.get("public-ipv4", "203.0.113.25")
         mac = str(meta.get("mac") or "0e:1f:2a:3b:4c:5d")
@@ -1790,7 +1851,7 @@ class Ec2Flavor(object):
             default["public-hostname"] = public_host
             default["public-ipv4"] = str(public_ip)
         merged = _deep_merge(default, meta)
-        merged["placement"] = _deep_merge(merged["placement"],
+        merged["placement"] = _deep_merge(merged.get("placement") or {},
                                           {"region": region, "availability-zone": zone})
         if "events" not in merged:
             merged["events"] = {"maintenance": {}}
@@ -1829,8 +1890,13 @@ class Ec2Flavor(object):
         # directory public-keys/0/openssh-key (spec §3.4).
         node = {}
         tree.public_keys = []
-        for index, (name, material) in enumerate(keys.items()):
-            node[str(index)] = {"openssh-key": str(material)}
+        present = [(name, material) for name, material in keys.items() if material is not None]
+        for index, (name, material) in enumerate(present):
+            if isinstance(material, dict):          # the served shape, {"openssh-key": ...}
+                material = material.get("openssh-key")
+            if not isinstance(material, str):
+                raise ConfigError('"meta-data"."public-keys"."%s" must be the key text' % name)
+            node[str(index)] = {"openssh-key": material}
             tree.public_keys.append((str(index), str(name)))
         return node
 

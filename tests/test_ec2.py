@@ -165,6 +165,54 @@ def test_a_document_without_an_ec2_section_is_refused(ec2):
         ec2(config={"EC2": {"meta-data": {}}})
 
 
+@pytest.mark.parametrize("config, words", [
+    ({"ec2": {"meta-data": {"events": "none"}}}, "events"),
+    ({"ec2": {"meta-data": {"events": {"maintenance": ["a", "b"]}}}}, "events"),
+    ({"ec2": {}, "mds": {"ec2": {"role": 5}}}, '"role"'),
+    ({"ec2": {}, "mds": {"ec2": {"role": ""}}}, '"role"'),
+    ({"ec2": {}, "mds": {"ec2": {"clients": {"127.0.0.1": 7}}}}, "clients"),
+    ({"ec2": {}, "mds": {"ec2": {"events": {"autoscaling": {"state": 5}}}}}, "autoscaling.state"),
+    ({"ec2": {}, "mds": {"ec2": {"ecs": {"auth_token": 12345}}}}, "auth_token"),
+    ({"ec2": {}, "mds": {"ec2": {"ecs": {"path": "mds/creds"}}}}, "path"),
+    ({"ec2": {}, "mds": {"ec2": {"roles": {"r": {"role_arn": "bad"}}}}}, "role_arn"),
+    ({"ec2": {}, "mds": {"ec2": {"imdsv2_required": "false"}}}, "imdsv2_required"),
+    ({"ec2": {}, "mds": {"ec2": {"events": {"spot": {"at": -1e17}}}}}, "out of range"),
+    ({"ec2": {}, "mds": {"ec2": {"events": {"spot": {"notice": "soon"}}}}}, "notice"),
+    ({"ec2": {"meta-data": {"local-ipv4": ["10.0.0.1", "10.0.0.2"]}}}, "local-ipv4"),
+    ({"ec2": {"meta-data": {"public-keys": {"k": {"not": "a key"}}}}}, "public-keys"),
+])
+def test_settings_that_would_break_requests_are_refused_when_loaded(ec2, config, words):
+    # Each of these used to load and then answer 500 (or drop the connection) on requests.
+    with pytest.raises(mds.ConfigError) as caught:
+        ec2(config=config)
+    assert words in str(caught.value)
+
+
+def test_loose_but_meaningful_ec2_settings_are_understood(ec2):
+    server = ec2(config={"ec2": {"meta-data": {
+        "placement": None,
+        "public-keys": {"gone": None, "kept": {"openssh-key": "ssh-ed25519 AAAA kept"}}}},
+        "mds": {"ec2": {"clients": {"::ffff:127.0.0.1": "batch"},
+                        "events": {"spot": {"after": 0, "notice": "2m"}}}}})
+    assert text(server, "/latest/meta-data/public-keys/") == "0=kept"
+    assert text(server, "/latest/meta-data/public-keys/0/openssh-key") == \
+        "ssh-ed25519 AAAA kept"
+    # A client written as an IPv4-mapped address matches the IPv4 client.
+    assert text(server, "/latest/meta-data/iam/security-credentials/") == "batch"
+    action = json.loads(text(server, "/latest/meta-data/spot/instance-action"))
+    assert 100 < mds.parse_imds_time(action["time"]) - time.time() <= 121
+
+
+def test_runtime_updates_address_list_elements_by_index(ec2):
+    server = ec2(config={"ec2": {}, "mds": {"ec2": {"events": {"maintenance": [
+        {"after": 0, "code": "system-reboot", "starts_in": 3600}]}}}})
+    server.update("mds/ec2/events/maintenance/0/code", "instance-stop")
+    scheduled = json.loads(text(server, "/latest/meta-data/events/maintenance/scheduled"))
+    assert scheduled[0]["Code"] == "instance-stop"
+    with pytest.raises(mds.ConfigError):
+        server.update("mds/ec2/events/maintenance/5/code", "x")
+
+
 def test_inconsistent_placement_is_refused(ec2):
     with pytest.raises(mds.ConfigError, match="not in region"):
         ec2(config={"ec2": {"meta-data": {"placement": {
@@ -1070,7 +1118,7 @@ def test_command_line_ec2_server(tmp_path):
 
 @pytest.mark.parametrize("bad_settings", [
     {"ecs": "not-an-object"},
-    {"events": {"spot": {"notice": "2m"}}},
+    {"events": {"spot": {"notice": "soon"}}},
     {"clients": {"127.0.0.2": {"role": "object-instead-of-a-name"}}},
 ])
 def test_a_bad_ec2_reload_keeps_the_last_good_tree_and_the_watcher(ec2, tmp_path, caplog,
