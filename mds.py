@@ -267,11 +267,15 @@ def _event_time(spec, started_at, where):
             return parse_imds_time(str(at))
         except ValueError:
             raise ConfigError("%s.at must be epoch seconds or an ISO time" % where)
+    return _checked_moment(started_at + _event_seconds(spec, "after", 0, where), where)
+
+
+def _event_seconds(spec, field, default, where):
+    """A length of time in an event's settings; `where` names the event ("mds.events.x")."""
     try:
-        moment = started_at + _seconds(spec.get("after", 0))
+        return _seconds(spec.get(field, default))
     except (TypeError, ValueError):
-        raise ConfigError("%s.after must be seconds or a duration" % where)
-    return _checked_moment(moment, where)
+        raise ConfigError("%s.%s must be seconds or a duration" % (where, field))
 
 
 def _checked_moment(moment, where):
@@ -682,11 +686,9 @@ class GceFlavor:
         if not isinstance(document, dict):
             raise ConfigError("the document must be a JSON object")
         top = document.get("computeMetadata")
-        if top is None:
-            if set(document) - {"mds"}:
-                raise ConfigError('the document has no "computeMetadata" (it has %s)'
-                                  % ", ".join(sorted(map(repr, set(document) - {"mds"}))))
-            top = self.default_document()["computeMetadata"]      # this variant's own tree
+        if top is None:       # a settings-only document was completed when it was loaded
+            raise ConfigError('the document has no "computeMetadata" (it has %s)'
+                              % ", ".join(sorted(map(repr, set(document) - {"mds"}))))
         if not isinstance(top, dict) or not isinstance(top.get("v1"), dict):
             raise ConfigError('expected {"computeMetadata": {"v1": {...}}}')
         v1 = dict(top["v1"])
@@ -756,13 +758,10 @@ class GceFlavor:
                 raise ConfigError("mds.events.maintenance.event must be "
                                   "MIGRATE_ON_HOST_MAINTENANCE or TERMINATE_ON_HOST_MAINTENANCE,"
                                   " not %r" % kind)
-            # The value appears 60 s before the maintenance and is NONE again once it is over.
-            duration = spec.get("duration", 60)
-            try:
-                end = None if duration is None else start + _seconds(duration)
-            except (TypeError, ValueError):
-                raise ConfigError("mds.events.maintenance.duration must be seconds, a duration "
-                                  "or null (for good)")
+            # The value appears 60 s before the maintenance and is NONE again once it is over
+            # (a null duration: for good).
+            end = None if spec.get("duration", 60) is None else \
+                start + _event_seconds(spec, "duration", 60, "mds.events.maintenance")
             windows.append((start, end, "maintenanceEvent", kind))
         for start, end, key, value in windows:
             if start <= now and (end is None or now < end):
@@ -906,12 +905,9 @@ class GceFlavor:
         raw = False
         for segment in [s for s in path.strip("/").split("/") if s]:
             if isinstance(node, list):
-                # An existing element, or the next one (appended); nothing else.
-                if not segment.isdigit() or int(segment) > len(node):
-                    raise ConfigError("%s: no list element %r (the list has %d)"
-                                      % (path, segment, len(node)))
-                keys.append(int(segment))
-                node = node[int(segment)] if int(segment) < len(node) else None
+                index = _list_index(segment, node, allow_append=True)
+                keys.append(index)
+                node = node[index] if index < len(node) else None
                 doc_path += ("*",)
                 continue
             node = node if isinstance(node, dict) else {}
@@ -1457,13 +1453,6 @@ def _check_role_name(role, where):
                           % (where, role))
 
 
-def _event_seconds(spec, field, default, kind):
-    try:
-        return _seconds(spec.get(field, default))
-    except (TypeError, ValueError):
-        raise ConfigError("mds.ec2.events.%s.%s must be seconds or a duration" % (kind, field))
-
-
 class _Computed(object):
     """A leaf rendered at request time (credentials, events, signatures); None means 404."""
 
@@ -1737,7 +1726,8 @@ class Ec2Flavor(object):
             notice_at = _event_time(spot, started_at, "mds.ec2.events.spot")
             # The action time is two minutes after the notice, as on EC2.
             compiled["spot"] = (notice_at, action,
-                                notice_at + _event_seconds(spot, "notice", 120, "spot"))
+                                notice_at + _event_seconds(spot, "notice", 120,
+                                                            "mds.ec2.events.spot"))
         rebalance = events.get("rebalance")
         if rebalance:
             rebalance = {} if rebalance is True else dict(rebalance)
@@ -1750,7 +1740,7 @@ class Ec2Flavor(object):
         for index, event in enumerate(maintenance):
             visible_at = _event_time(event, started_at, "mds.ec2.events.maintenance")
             not_before = visible_at + _event_seconds(event, "starts_in", 7 * 86400,
-                                                     "maintenance")
+                                                     "mds.ec2.events.maintenance")
             entry = collections.OrderedDict()
             entry["NotBefore"] = _rfc1123_short(not_before)
             entry["Code"] = event.get("code", "system-reboot")
@@ -1759,7 +1749,8 @@ class Ec2Flavor(object):
                 "%s/%d/%s" % (entry["Code"], index, not_before), 16)
             ends_at = None
             if event.get("duration", 1200) is not None:
-                ends_at = not_before + _event_seconds(event, "duration", 1200, "maintenance")
+                ends_at = not_before + _event_seconds(event, "duration", 1200,
+                                                      "mds.ec2.events.maintenance")
                 entry["NotAfter"] = _rfc1123_short(ends_at)
             entry["State"] = event.get("state", "active")
             compiled["maintenance"].append((visible_at, ends_at, entry))
@@ -2128,12 +2119,10 @@ class Ec2Flavor(object):
 
     def _token_remaining(self, token):
         """Seconds a token has left, or None if it is unknown, forged or expired."""
-        try:
-            raw = base64.urlsafe_b64decode(token.strip().encode("ascii"))
-        except (ValueError, UnicodeEncodeError):
+        # Exactly the 56 characters _mint_token writes: b64decode would skip stray ones.
+        if not re.fullmatch(r"[A-Za-z0-9_-]{54}==", token.strip()):
             return None
-        if len(raw) != 40 or not re.fullmatch(r"[A-Za-z0-9_-]{54}==", token.strip()):
-            return None     # b64decode skips stray characters: a mangled token must not pass
+        raw = base64.urlsafe_b64decode(token.strip())
         payload, mac = raw[:16], raw[16:]
         if not hmac.compare_digest(mac, self._token_mac(payload)):
             return None
@@ -2590,7 +2579,10 @@ def _mint_checked(mint):
     except CredentialError:
         raise
     except Exception as exc:
-        log.debug("minting a token failed", exc_info=True)
+        import traceback
+        # Where it failed, for a bug report; its message only in redacted form, below.
+        log.debug("minting a token failed at:\n%s", "".join(traceback.format_tb(
+            exc.__traceback__)))
         raise CredentialError("minting the token failed: %s: %s"
                               % (type(exc).__name__, _redact(exc)), status=500) from None
 
