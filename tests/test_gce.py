@@ -665,12 +665,18 @@ class Waiter(threading.Thread):
         return self.reply
 
 
-def wait_for_update(server, query_path, key, value):
-    """Start a hanging GET, check it hangs, make the update, return the answer."""
+def parked_waiter(server, query_path, settle=0.5):
+    """A hanging GET, started and checked to be still hanging a moment later."""
     waiter = Waiter(server, query_path)
     waiter.start()
-    waiter.join(0.5)
+    waiter.join(settle)
     assert waiter.is_alive(), "answered before anything changed: %r" % waiter.reply
+    return waiter
+
+
+def wait_for_update(server, query_path, key, value):
+    """Park a hanging GET, make the update, return the answer."""
+    waiter = parked_waiter(server, query_path)
     server.update(key, value)
     return waiter.result()
 
@@ -806,10 +812,8 @@ def test_timeout_sec_with_leading_zeros_is_its_number(shared_server):
 def test_a_value_changed_and_changed_back_at_once_still_wakes_the_waiter(server):
     path = V1 + "instance/attributes/alpha"
     etag = get(server, path).header("ETag")
-    waiter = Waiter(server, path + "?wait_for_change=true&timeout_sec=20&last_etag=" + etag)
-    waiter.start()
-    waiter.join(0.5)
-    assert waiter.is_alive()
+    waiter = parked_waiter(server, path + "?wait_for_change=true&timeout_sec=20&last_etag="
+                           + etag)
     server.update("instance/attributes/alpha", "pulse")
     server.update("instance/attributes/alpha", "first")      # back before the waiter ran
     reply = waiter.result()
@@ -910,12 +914,9 @@ def document_with_events(events, **instance_changes):
 
 
 def wait_for_next(server, path, etag):
-    """A wait_for_change from `etag` that must still be hanging a moment after it started."""
-    waiter = Waiter(server, path + "?wait_for_change=true&last_etag=" + etag)
-    waiter.start()
-    waiter.join(0.3)
-    assert waiter.is_alive(), "answered before the event: %r" % waiter.reply
-    return waiter.result()
+    """The answer of a wait_for_change from `etag`, parked before the event came."""
+    return parked_waiter(server, path + "?wait_for_change=true&last_etag=" + etag,
+                         settle=0.3).result()
 
 
 def test_preemption_turns_preempted_true_and_wakes_a_waiter(mds_server_factory):
