@@ -161,9 +161,17 @@ def resolve(root, segments):
     return node
 
 
+def url_segments(path):
+    """The segments of a path given to update() or delete(): "a/b/c", or a sequence of
+    segments when one holds a "/" (an EC2 client network, "10.0.0.0/8")."""
+    if isinstance(path, (list, tuple)):
+        return [str(segment) for segment in path]
+    return [segment for segment in path.strip("/").split("/") if segment]
+
+
 def _list_index(key, items, allow_append=False):
     """A path segment as an index into `items` (an existing element, or the next one)."""
-    index = int(key) if isinstance(key, int) or str(key).isdigit() else -1
+    index = int(key) if isinstance(key, int) or re.fullmatch(r"[0-9]+", str(key)) else -1
     if not 0 <= index < len(items) + (1 if allow_append else 0):
         raise ConfigError("no list element %r (the list has %d)" % (key, len(items)))
     return index
@@ -817,8 +825,11 @@ class GceFlavor:
         node = Node(name, json_key, "dir")
         if path == ("instance", "serviceAccounts"):
             for url_name, account in accounts.items():
-                node.children[url_name] = self._account_node(url_name, account,
-                                                             value.get(url_name) or {})
+                # default/ is the primary account under another name: the same fields, which
+                # its e-mail entry holds when it has one.
+                entry = value.get(account.email) if url_name == "default" else None
+                node.children[url_name] = self._account_node(
+                    url_name, account, entry or value.get(url_name) or {}, path)
             return node.finish()
         for key, child_value in value.items():
             key = str(key)
@@ -848,15 +859,16 @@ class GceFlavor:
         return Node(name, json_key, "leaf", value=value,
                     json_default=path in JSON_BY_DEFAULT).finish()
 
-    def _account_node(self, url_name, account, entry):
+    def _account_node(self, url_name, account, entry, path):
         node = Node(url_name, url_name, "dir")
         fields = {"aliases": account.aliases, "email": account.email,
                   "scopes": list(account.scopes)}
+        for key, value in fields.items():
+            node.children[key] = Node(key, key, "leaf", value=value).finish()
         for key, value in entry.items():          # custom per-account keys are served too
             if key not in fields and key not in SERVICE_ACCOUNT_ENDPOINTS:
-                fields[key] = value
-        for key, value in fields.items():
-            node.children[dash_case(key)] = Node(dash_case(key), key, "leaf", value=value).finish()
+                node.children[dash_case(key)] = self._compile_value(
+                    dash_case(key), key, value, path + (url_name, key), {}, raw=True)
         for endpoint in SERVICE_ACCOUNT_ENDPOINTS:
             node.children[endpoint] = Node(endpoint, endpoint, endpoint, account=account).finish()
         return node.finish()
@@ -903,7 +915,7 @@ class GceFlavor:
         document = self.server.store.document
         keys, node, doc_path = ["computeMetadata", "v1"], document["computeMetadata"]["v1"], ()
         raw = False
-        for segment in [s for s in path.strip("/").split("/") if s]:
+        for segment in url_segments(path):
             if isinstance(node, list):
                 index = _list_index(segment, node, allow_append=True)
                 keys.append(index)
@@ -1453,6 +1465,17 @@ def _check_role_name(role, where):
                           % (where, role))
 
 
+def _check_tag_keys(tags):
+    # EC2 refuses to expose tags in metadata while any key falls outside this alphabet or is
+    # ".", ".." or "_index" (spec §3.4); such a key could not be fetched by its path anyway.
+    instance = tags.get("instance") if isinstance(tags, dict) else None
+    for key in instance if isinstance(instance, dict) else ():
+        if not re.fullmatch(r"[A-Za-z0-9+\-=.,_:@]+", key) or key in (".", "..", "_index"):
+            raise ConfigError('"meta-data"."tags"."instance": tag key %r cannot be served in '
+                              'instance metadata (letters, digits and + - = . , _ : @ only; '
+                              'not ".", ".." or "_index")' % key)
+
+
 class _Computed(object):
     """A leaf rendered at request time (credentials, events, signatures); None means 404."""
 
@@ -1544,7 +1567,7 @@ class Ec2Flavor(object):
         "meta-data/spot/instance-action" and "/latest/meta-data/..." address the IMDS tree
         (document "ec2"); "mds/ec2/events/spot" addresses emulator settings.
         """
-        segments = [s for s in path.strip("/").split("/") if s]
+        segments = url_segments(path)
         if segments and segments[0] == "mds":
             return segments
         if segments and segments[0] in EC2_API_VERSIONS:
@@ -1552,6 +1575,18 @@ class Ec2Flavor(object):
         if not segments:
             raise KeyError("empty path")
         return ["ec2"] + segments
+
+    def serves_default(self, keys):
+        """Whether document keys name a meta-data value of the default instance that the
+        document does not hold, which a null then hides."""
+        node = self.server.store.tree.meta
+        if keys[:2] != ["ec2", "meta-data"] or len(keys) < 3:
+            return False
+        for key in keys[2:]:
+            if not isinstance(node, dict) or key not in node:
+                return False
+            node = node[key]
+        return True
 
     def compile(self, document):
         """Build the served tree; raises ConfigError naming what is wrong with the document."""
@@ -1588,6 +1623,7 @@ class Ec2Flavor(object):
         if not isinstance(events, dict) or not isinstance(events.get("maintenance", {}), dict):
             raise ConfigError('"meta-data"."events" is a directory (maintenance/, ...): '
                               'configure events under "mds"."ec2"."events"')
+        _check_tag_keys(merged.get("tags"))
         tree.meta = self._compile_dir(merged, ("meta-data",), tree)
         tree.user_data = self._user_data(section.get("user-data"))
         tree.identity_document = self._identity_document(tree, merged, section)
@@ -1897,8 +1933,9 @@ class Ec2Flavor(object):
             return None
         if isinstance(value, dict) and "base64" in value:
             try:
-                return base64.b64decode(value["base64"], validate=True)
-            except (ValueError, TypeError):
+                # `base64 file` wraps its output at 76 columns; EC2's API takes that too.
+                return base64.b64decode("".join(value["base64"].split()), validate=True)
+            except (ValueError, TypeError, AttributeError):
                 raise ConfigError('"ec2"."user-data"."base64" is not valid base64')
         if isinstance(value, str):
             return value.encode("utf-8")
@@ -5925,11 +5962,22 @@ class MetadataServer:
     # -- the document -----------------------------------------------------------------------
 
     def update(self, path, value):
-        """Set the value at a URL path (e.g. "instance/attributes/foo"); wakes waiters."""
+        """Set the value at a URL path (e.g. "instance/attributes/foo", or a list of segments
+        when one holds a "/"); wakes waiters."""
         self.store.edit(self.flavor.document_keys(path), value)
 
     def delete(self, path):
-        self.store.edit(self.flavor.document_keys(path), delete=True)
+        """Remove the value at a URL path; wakes waiters.  KeyError when nothing is there."""
+        keys = self.flavor.document_keys(path)
+        try:
+            self.store.edit(keys, delete=True)
+        except KeyError:
+            # The flavor may serve a value the document does not hold (EC2's default
+            # instance); the null that hides it in a config file hides it here too.
+            if not getattr(self.flavor, "serves_default", lambda keys: False)(keys):
+                raise KeyError("nothing to delete at %s" % "/".join(url_segments(path))) \
+                    from None
+            self.store.edit(keys, None)
 
     def reload(self):
         """Re-read the config file; a bad file is logged and the last good tree keeps serving."""

@@ -276,6 +276,18 @@ def test_user_data_bytes_and_content_type(ec2):
     assert text(server, "/latest/") == "dynamic\nmeta-data\nuser-data"
 
 
+def test_user_data_base64_may_be_wrapped_like_the_base64_command_writes_it(ec2):
+    raw = bytes(range(256)) * 2
+    wrapped = base64.encodebytes(raw).decode()          # 76-column lines, as `base64 file`
+    assert "\n" in wrapped.strip()
+    server = ec2(config={"ec2": {"user-data": {"base64": wrapped}}})
+    assert get(server, "/latest/user-data")[2] == raw
+    with pytest.raises(mds.ConfigError, match="not valid base64"):
+        ec2(config={"ec2": {"user-data": {"base64": wrapped.replace("A", "*", 1)}}})
+    with pytest.raises(mds.ConfigError, match="not valid base64"):
+        ec2(config={"ec2": {"user-data": {"base64": 42}}})
+
+
 def test_head_and_other_methods(ec2):
     server = ec2()
     status, headers, body = call(server, "HEAD", "/latest/meta-data/instance-id")
@@ -956,6 +968,50 @@ def test_a_maintenance_event_leaves_scheduled_when_it_ends(ec2):
     time.sleep(1.2)
     assert get(server, "/latest/meta-data/events/maintenance/scheduled")[0] == 404
     assert len(json.loads(text(server, "/latest/meta-data/events/maintenance/history"))) == 1
+
+
+@pytest.mark.parametrize("key", ["team/a", "with space", "_index", "..", ".", "tab\t",
+                                 "new\nline", "é"])
+def test_tag_keys_that_ec2_refuses_to_expose_are_refused(ec2, key):
+    # EC2 will not turn tags in metadata on while a key is outside its alphabet; served, a
+    # key holding "/" would be listed but could not be fetched.
+    with pytest.raises(mds.ConfigError, match="tag key"):
+        ec2(config={"ec2": {"meta-data": {"tags": {"instance": {key: "v"}}}}})
+    server = ec2(config={"ec2": {"meta-data": {"tags": {"instance": {"Name": "web"}}}}})
+    with pytest.raises(mds.ConfigError, match="tag key"):
+        server.update(["meta-data", "tags", "instance", key], "v")
+    assert text(server, "/latest/meta-data/tags/instance") == "Name"
+
+
+def test_tag_keys_may_use_the_whole_allowed_alphabet(ec2):
+    key = "aws:autoscaling:groupName+-=.,_@09"
+    server = ec2(config={"ec2": {"meta-data": {"tags": {"instance": {key: "v", "...": "w"}}}}})
+    assert text(server, "/latest/meta-data/tags/instance/" + key) == "v"
+    assert text(server, "/latest/meta-data/tags/instance/...") == "w"
+
+
+def test_delete_of_a_default_value_hides_it_and_of_nothing_names_the_path(ec2):
+    server = ec2()
+    assert "local-ipv4" in text(server, "/latest/meta-data/").split("\n")
+    server.delete("/latest/meta-data/local-ipv4")      # derived, not held by the document
+    assert get(server, "/latest/meta-data/local-ipv4")[0] == 404
+    assert "local-ipv4" not in text(server, "/latest/meta-data/").split("\n")
+    server.delete("meta-data/placement/availability-zone-id")
+    assert get(server, "/latest/meta-data/placement/availability-zone-id")[0] == 404
+    for path in ("meta-data/no-such-key", "meta-data/instance-id/below-a-leaf",
+                 "dynamic/fws", "mds/ec2/role"):
+        with pytest.raises(KeyError, match="nothing to delete at " + path):
+            server.delete(path)
+
+
+def test_update_takes_segments_for_a_client_network(ec2):
+    server = ec2(config={"ec2": {}, "mds": {"ec2": {"roles": {"dev": "offline"}}}})
+    default = text(server, "/latest/meta-data/iam/security-credentials/")
+    server.update(["mds", "ec2", "clients", "127.0.0.0/8"], "dev")
+    assert default != "dev"
+    assert text(server, "/latest/meta-data/iam/security-credentials/") == "dev"
+    server.delete(("mds", "ec2", "clients", "127.0.0.0/8"))
+    assert text(server, "/latest/meta-data/iam/security-credentials/") == default
 
 
 def test_runtime_update_of_imds_paths(ec2):

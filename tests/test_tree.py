@@ -279,6 +279,26 @@ def test_primary_account_keyed_only_by_email_is_also_default(mds_server_factory)
     assert json.loads(text(started, "instance/service-accounts/default/token"))["access_token"]
 
 
+def test_default_serves_the_custom_fields_of_a_primary_keyed_by_email(mds_server_factory):
+    document = copy.deepcopy(DOCUMENT)
+    document["computeMetadata"]["v1"]["instance"]["serviceAccounts"] = {
+        EMAIL: {"email": EMAIL, "scopes": ["s"], "team": "infra",
+                "labels": {"costCenter": {"id": 7}, "tier": "gold"}}}
+    started = mds_server_factory(config=document)
+    for name in ("default", EMAIL):
+        base = "instance/service-accounts/%s/" % name
+        assert text(started, base) == \
+            "aliases\nemail\nidentity\nlabels/\nscopes\nteam\ntoken\n"
+        assert text(started, base + "team") == "infra"
+        # An object a user adds is a directory, as anywhere else in the tree; below it the
+        # keys keep their spelling.
+        assert text(started, base + "labels/") == "costCenter/\ntier\n"
+        assert text(started, base + "labels/costCenter/id") == "7"
+        assert fetch(started, V1 + base + "?recursive=true").json()["labels"] == \
+            {"costCenter": {"id": 7}, "tier": "gold"}
+    assert status(started, "instance/service-accounts/default/labels") == 301
+
+
 # ---- config file reload ---------------------------------------------------------------------
 
 
@@ -548,6 +568,8 @@ def test_delete_removes_the_key(server):
     server.delete("instance/attributes/camelCaseKey")
     assert status(server, "instance/attributes/camelCaseKey") == 404
     assert "camelCaseKey" not in text(server, "instance/attributes/")
+    with pytest.raises(KeyError, match="nothing to delete at instance/attributes/camelCaseKey"):
+        server.delete("instance/attributes/camelCaseKey")
 
 
 class Waiter(threading.Thread):
