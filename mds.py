@@ -3299,6 +3299,7 @@ class ImpersonatedSource:
         if source_credentials is None:
             source_credentials = self._load_source(google_auth, source_credentials_file)
         self._source = source_credentials
+        self._source_view = None
 
     @staticmethod
     def _load_source(google_auth, path):
@@ -3331,13 +3332,8 @@ class ImpersonatedSource:
         wanted = [s for s in (scopes or ()) if s] or [CLOUD_PLATFORM_SCOPE]
 
         def refresh(transport):
-            # impersonated.Credentials works on a copy of its source credentials; refreshing
-            # the shared source first lets every mint reuse one source access token.
-            with self._lock:
-                if not self._source.valid:
-                    self._source.refresh(transport)
             credentials = impersonated.Credentials(
-                source_credentials=self._source, target_principal=self.email,
+                source_credentials=self._shared_source(), target_principal=self.email,
                 target_scopes=wanted, delegates=_iam_delegates(self.delegates),
                 lifetime=self.lifetime,
                 iam_endpoint_override=_iam_account_url(self.iam_base, self.email,
@@ -3347,6 +3343,29 @@ class ImpersonatedSource:
 
         return _run_google_auth(refresh, "impersonating %s" % self.email, self.timeout,
                                 self.retry_delays, mint_deadline(self.budget))
+
+    def _shared_source(self):
+        """The source credentials as impersonated.Credentials should see them: it copies its
+        source, and gives a service-account source new scopes (dropping its token), so the
+        real source would be refreshed at every mint.  This view is neither: every copy
+        refreshes the one shared source, once, under the lock."""
+        if self._source_view is None:
+            import google.auth.credentials
+
+            outer = self
+
+            class SharedSource(google.auth.credentials.Credentials):
+                def refresh(self, request):
+                    with outer._lock:
+                        if not outer._source.valid:
+                            outer._source.refresh(request)
+                        self.token, self.expiry = outer._source.token, outer._source.expiry
+
+            self._source_view = SharedSource
+        view = self._source_view()
+        view._universe_domain = getattr(self._source, "universe_domain", None) or \
+            view.universe_domain
+        return view
 
     def _source_token(self, deadline):
         def refresh(transport):

@@ -465,6 +465,13 @@ def test_impersonation_uses_application_default_credentials(fake, tmp_path, monk
     token = source.access_token(())
     assert fake.issued_tokens[token.value] == {"principal": target.email,
                                                "scopes": [CLOUD_PLATFORM]}
+    # The key's access token serves the next mints too: google-auth would re-scope a copy of
+    # a service-account source, and mint a new source token each time.
+    for scopes in ((STORAGE_READ,), (PUBSUB,)):
+        assert fake.issued_tokens[source.access_token(scopes).value]["scopes"] == list(scopes)
+    source.id_token("https://run.example.com")
+    assert fake.count("token:jwt-bearer") == 1
+    assert fake.count("iam:generateAccessToken") == 3
 
 
 def test_impersonation_id_token(fake, user_credentials):
