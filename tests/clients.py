@@ -1,4 +1,4 @@
-"""Helpers that run real cloud client libraries (Node, Go, Python) as child
+"""Helpers that run real cloud client libraries (Node, Go, Python, Java) as child
 processes against a local mds server and return what they saw.
 
 Each client program prints one JSON object on stdout; the helpers parse it.
@@ -29,6 +29,17 @@ BUILD_DIR = os.path.join(TESTS_DIR, ".build")
 # in GOPATH mode compiles them offline, with no module download.
 DEBIAN_GOPATH = "/usr/share/gocode"
 VENV_PYTHON = os.path.join(REPO_ROOT, ".venv", "bin", "python")
+JAVA_DIR = os.path.join(TESTS_DIR, "java")
+# Debian's libgoogle-auth-java and what it pulls in install their jars here, each also
+# under its unversioned name; these are the ones the Google auth library loads.
+DEBIAN_JAVA_JARS_DIR = "/usr/share/java"
+GOOGLE_AUTH_JAVA_JARS = (
+    "google-auth-library-oauth2-http", "google-auth-library-credentials",
+    "google-http-client", "google-http-client-gson", "google-http-client-jackson2",
+    "guava", "gson", "jackson-core", "auto-value-annotations", "jsr305",
+    "opencensus-api", "opencensus-contrib-http-util", "grpc-context",
+    "httpclient", "httpcore", "commons-logging", "commons-codec",
+)
 
 CLIENT_TIMEOUT_SECONDS = 60
 
@@ -217,6 +228,46 @@ def run_python(script, env, args=()):
     python = sys.executable or VENV_PYTHON
     return _run_json([python, script_path] + [str(a) for a in args], env, TESTS_DIR,
                      "python %s" % script)
+
+
+def google_auth_java_classpath():
+    """The jars of Debian's libgoogle-auth-java as a classpath; skips/fails if any is missing."""
+    jars = [os.path.join(DEBIAN_JAVA_JARS_DIR, name + ".jar") for name in GOOGLE_AUTH_JAVA_JARS]
+    missing = [os.path.basename(jar) for jar in jars if not os.path.isfile(jar)]
+    if missing:
+        message = ("jars of the Java Google auth library missing from %s: %s (tests/run.sh "
+                   "installs libgoogle-auth-java)" % (DEBIAN_JAVA_JARS_DIR, ", ".join(missing)))
+        if in_ci():
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return os.pathsep.join(jars)
+
+
+def compile_java(program_name, output_dir):
+    """Compile tests/java/<program_name>.java into output_dir; return (java, classpath)."""
+    javac = require_tool("javac")
+    java = require_tool("java")
+    classpath = google_auth_java_classpath()
+    completed = subprocess.run(
+        # -path: commons-logging's manifest names optional jars Debian does not ship.
+        [javac, "-Xlint:all,-path", "-encoding", "UTF-8", "-d", str(output_dir),
+         "-cp", classpath, os.path.join(JAVA_DIR, program_name + ".java")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300,
+    )
+    if completed.returncode != 0:
+        raise AssertionError("javac %s failed:\n%s"
+                             % (program_name, completed.stdout.decode("utf-8", "replace")))
+    return java, os.pathsep.join([str(output_dir), classpath])
+
+
+def run_java(compiled, program_name, env, args=()):
+    """Run a class compiled by compile_java (`compiled` is what it returned); JSON report."""
+    java, classpath = compiled
+    argv = [java, "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC",
+            # Java takes the home directory from the password database, not HOME.
+            "-Duser.home=" + env.get("HOME", ""),
+            "-cp", classpath, program_name] + [str(a) for a in args]
+    return _run_json(argv, env, JAVA_DIR, "java %s" % program_name)
 
 
 def stop_process(process, timeout=10):

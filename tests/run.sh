@@ -18,11 +18,14 @@ node_stamp="$node_dir/node_modules/.mds-package-lock.sha256"
 
 # Toolchains and libraries the client tests drive: Go client libraries come
 # from Debian's packaged sources (compiled offline under /usr/share/gocode),
-# the TPM tests need swtpm + tpm2-tss, tpm2-pytss compiles against libtss2-dev
-# with gcc and the Python headers.
+# the Java Google auth library is Debian's jar (compiled against with bookworm's
+# JDK, whose java and javac come from openjdk-17-jdk-headless), the TPM tests
+# need swtpm + tpm2-tss, tpm2-pytss compiles against libtss2-dev with gcc and
+# the Python headers.
 apt_packages=(
   golang-go golang-google-cloud-dev golang-golang-x-oauth2-google-dev
   golang-github-aws-aws-sdk-go-v2-dev
+  openjdk-17-jdk-headless libgoogle-auth-java
   swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config openssl
   gcc python3 python3-dev python3-venv
 )
@@ -69,6 +72,9 @@ install_apt_packages() {
   log "apt-get install ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   "${sudo[@]}" apt-get update -qq
+  # Slim Debian images drop /usr/share/man; the JDK's postinst links its man pages
+  # there with update-alternatives, which fails when man1 is missing.
+  "${sudo[@]}" mkdir -p /usr/share/man/man1
   "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
