@@ -366,8 +366,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except (ConnectionError, socket.timeout, OSError) as exc:
             log.debug("client %s went away: %s", self.client_address[0], exc)
 
+    def parse_request(self):
+        self.log_target = "-"           # until this request's target is known
+        return super().parse_request()
+
     def _dispatch(self):
         mds = self.server.mds
+        target = self.path
+        if target.startswith(("http://", "https://")):
+            # The absolute form a client sends through a proxy; servers must accept it.
+            target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
+        # What the debug log shows: never a proxy-form target's scheme and userinfo.
+        self.log_target = target
         if mds.stopping:
             self.close_connection = True
             self._write(Response(503, "The metadata server is shutting down.\n",
@@ -377,10 +387,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if isinstance(body, Response):
             self._write(body, mds)
             return
-        target = self.path
-        if target.startswith(("http://", "https://")):
-            # The absolute form a client sends through a proxy; servers must accept it.
-            target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
         path, _, raw_query = target.partition("?")
         if not path.isascii():
             # Clients percent-encode; raw bytes (read as latin-1) get the same encoding, so
@@ -451,9 +457,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         self.wfile.write(head if self.command == "HEAD" else head + body)
-        # A request the stdlib refused (414, bad version) has no path yet.
+        # A request the stdlib refused (414, bad version) has no target yet.
         log.debug("%s %s %s -> %d", self.client_address[0], self.command,
-                  getattr(self, "path", "-"), response.status)
+                  getattr(self, "log_target", "-"), response.status)
 
     def send_error(self, code, message=None, explain=None):
         # Malformed requests are answered by the stdlib parser; keep our headers on them too.
@@ -2699,7 +2705,9 @@ class SigningKey:
                 with open(pem_path, "r", encoding="utf-8") as handle:
                     self._key = RsaKey.from_pem(handle.read())
             except (OSError, ValueError) as exc:
-                raise ConfigError("--signing-key %s: %s" % (pem_path, exc))
+                # An OSError's text repeats the file name, which may be the key itself.
+                raise ConfigError("--signing-key %s: %s" % (
+                    _file_name(pem_path), getattr(exc, "strerror", None) or exc))
             self._ready.set()
 
     def start(self, delay=0.0):
@@ -2770,31 +2778,47 @@ _TRANSIENT_STATUSES = (408, 429, 500, 502, 503, 504)
 _SECRET_PATTERNS = (
     re.compile(r"-----BEGIN [A-Z ]+-----.*?(-----END [A-Z ]+-----|$)", re.S),
     re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.?[A-Za-z0-9_-]*"),
-    re.compile(r"\b(ya29|1//)[A-Za-z0-9._~+/=-]+"),
-    re.compile(r"[A-Za-z0-9_~+/=-]{40,}"),
+    re.compile(r"\b(ya29|1//|GOCSPX-)[A-Za-z0-9._~+/=-]+"),
+    # Percent-escapes count as part of a run: an encoded token must not hide in pieces.
+    re.compile(r"(?:[A-Za-z0-9_~+/=-]|%[0-9A-Fa-f]{2}){40,}"),
 )
 
 
-_URL_BEFORE_QUERY = re.compile(r"https?://[^\s?#]+")
+# A URL up to its query; group 1 is the query or fragment (dropped when quoted).
+_URL_BEFORE_QUERY = re.compile(r"https?://([^\s?#]+)([?#]\S*)?")
 
 
-def _redact(text, limit=300):
+def _redact(text, limit=300, secrets=()):
     """Upstream text made safe to quote: secrets masked, length bounded.  URLs keep their
-    scheme, host and path, so an error still names the endpoint (their queries are masked)."""
+    scheme, host and path, so an error still names the endpoint; never their query.
+
+    `secrets` are values the caller knows to be secret (a client secret, the bearer token
+    or AWS keys it sent): masked as they are and percent-encoded, whatever their shape."""
+    text = str(text).replace("\x00", "")
+    for secret in secrets:
+        if isinstance(secret, str) and len(secret) >= 6:
+            for form in {secret, urllib.parse.quote(secret, safe=""),
+                         urllib.parse.quote_plus(secret), urllib.parse.quote(secret)}:
+                text = text.replace(form, "[redacted]")
     urls = []
 
     def set_aside(match):
-        # Kept readable, but never its userinfo, nor a token-shaped piece of its path; only
-        # the catch-all for long opaque runs is skipped (an IAM path is one).
-        scheme, _, rest = match.group(0).partition("://")
-        authority, slash, path = rest.partition("/")
-        url = "%s://%s%s%s" % (scheme, re.sub(r"^.*@", "[redacted]@", authority), slash, path)
+        # Kept readable, but never its userinfo or query, nor a token-shaped piece of its
+        # path; the catch-all for long runs looks at one path segment at a time, as an IAM
+        # path ("projects/-/serviceAccounts/...") is a long run of the catch-all's alphabet.
+        scheme = match.group(0).partition("://")[0]
+        authority, slash, path = match.group(1).partition("/")
         for pattern in _SECRET_PATTERNS[:-1]:
-            url = pattern.sub("[redacted]", url)
+            path = pattern.sub("[redacted]", path)
+        path = "/".join(_SECRET_PATTERNS[-1].sub("[redacted]", segment)
+                        for segment in path.split("/"))
+        url = "%s://%s%s%s" % (scheme, re.sub(r"^.*@", "[redacted]@", authority), slash, path)
+        if match.group(2):
+            url += "?[redacted]"
         urls.append(url)
         return "\x00%d\x00" % (len(urls) - 1)
 
-    text = _URL_BEFORE_QUERY.sub(set_aside, str(text).replace("\x00", ""))
+    text = _URL_BEFORE_QUERY.sub(set_aside, text)
     for pattern in _SECRET_PATTERNS:
         text = pattern.sub("[redacted]", text)
     text = re.sub("\x00(\\d+)\x00", lambda match: urls[int(match.group(1))], text)
@@ -2825,7 +2849,7 @@ def _url_host(url):
     return "%s://%s%s" % (parts.scheme, parts.netloc, parts.path)
 
 
-def _describe_upstream_error(status, body):
+def _describe_upstream_error(status, body, secrets=()):
     """One line naming Google's error from an OAuth ({"error","error_description"}) or a
     Google API ({"error": {"code","status","message"}}) error body."""
     try:
@@ -2837,12 +2861,13 @@ def _describe_upstream_error(status, body):
         if isinstance(error, dict):
             words = [str(error.get(k)) for k in ("status", "message") if error.get(k)]
             if words:
-                return "HTTP %d: %s" % (status, _redact(": ".join(words)))
+                return "HTTP %d: %s" % (status, _redact(": ".join(words), secrets=secrets))
         elif isinstance(error, str):
             description = document.get("error_description")
             if isinstance(description, str) and description:
-                return "HTTP %d: %s: %s" % (status, _redact(error), _redact(description))
-            return "HTTP %d: %s" % (status, _redact(error))
+                return "HTTP %d: %s: %s" % (status, _redact(error, secrets=secrets),
+                                            _redact(description, secrets=secrets))
+            return "HTTP %d: %s" % (status, _redact(error, secrets=secrets))
     return "HTTP %d" % status
 
 
@@ -2910,7 +2935,7 @@ def _with_retries(what, retry_delays, attempt, deadline=None):
 
 
 def post_upstream(url, what, data, headers, describe_error, status_for, timeout=10.0,
-                  retry_delays=(), context=None, deadline=None):
+                  retry_delays=(), context=None, deadline=None, secrets=()):
     """POST `data` to an upstream credential endpoint (Google, STS) and return the body.
 
     Transient failures (connection errors, timeouts, 408/429/5xx) are retried after each delay
@@ -2919,7 +2944,7 @@ def post_upstream(url, what, data, headers, describe_error, status_for, timeout=
     ends as a CredentialError naming `what`, the endpoint and the upstream's own error, all
     redacted; never the request, which carries an assertion, a bearer token or a signature.
     `describe_error(status, body)` words an HTTP error; `status_for(status)` is what the
-    metadata endpoint answers for it.
+    metadata endpoint answers for it; `secrets` are masked wherever they appear (_redact).
     """
     import urllib.error     # here, not at the top: only upstream sources need them, and
     import urllib.request   # every millisecond of startup counts
@@ -2932,11 +2957,12 @@ def post_upstream(url, what, data, headers, describe_error, status_for, timeout=
                 return response.read()
         except urllib.error.HTTPError as exc:
             body = exc.read() if exc.fp is not None else b""
-            raise _UpstreamFailure(_redact(describe_error(exc.code, body)),
+            raise _UpstreamFailure(_redact(describe_error(exc.code, body), secrets=secrets),
                                    exc.code in _TRANSIENT_STATUSES, status_for(exc.code))
         except OSError as exc:                 # URLError, timeouts, refused and reset connections
             raise _UpstreamFailure("network error, unreachable: %s"
-                                   % _redact(getattr(exc, "reason", None) or exc), True, 502)
+                                   % _redact(getattr(exc, "reason", None) or exc,
+                                             secrets=secrets), True, 502)
         except http.client.HTTPException as exc:
             raise _UpstreamFailure("network error: %s" % type(exc).__name__, True, 502)
         except ValueError:
@@ -2960,7 +2986,8 @@ def google_post(url, what, form=None, json_body=None, bearer=None, timeout=10.0,
     if bearer:
         headers["Authorization"] = "Bearer " + bearer
     body = post_upstream(url, what, data, headers, _describe_upstream_error,
-                         _status_for_upstream, timeout, retry_delays, deadline=deadline)
+                         _status_for_upstream, timeout, retry_delays, deadline=deadline,
+                         secrets=(bearer, (form or {}).get("assertion")))
     endpoint = _url_host(url)
     try:
         answer = json.loads(body.decode("utf-8"))
@@ -2980,6 +3007,15 @@ def _scope_string(scopes):
     return " ".join(scopes) if scopes else CLOUD_PLATFORM_SCOPE
 
 
+def _file_name(path):
+    """A file name as an error quotes it.  Key or credentials text pasted where a file name
+    belongs (`--signing-key "$(cat key.pem)"`) is not a name, and is never quoted back."""
+    text = str(os.fspath(path))
+    if "\n" in text or len(text) > 1024 or text.lstrip().startswith(("{", "-----BEGIN")):
+        return "(a value that looks like a file's content, not its name)"
+    return text
+
+
 def _load_json_config(source, what):
     """A JSON object given inline (dict) or as a file path; errors name the file, never its
     content."""
@@ -2990,12 +3026,15 @@ def _load_json_config(source, what):
         with open(path, "r", encoding="utf-8") as handle:
             document = json.load(handle)
     except OSError as exc:
-        raise CredentialError("cannot read %s %s: %s" % (what, path, exc.strerror or exc),
+        raise CredentialError("cannot read %s %s: %s" % (what, _file_name(path),
+                                                         exc.strerror or exc),
                               status=500) from None
     except ValueError:
-        raise CredentialError("%s %s is not valid JSON" % (what, path), status=500) from None
+        raise CredentialError("%s %s is not valid JSON" % (what, _file_name(path)),
+                              status=500) from None
     if not isinstance(document, dict):
-        raise CredentialError("%s %s is not a JSON object" % (what, path), status=500)
+        raise CredentialError("%s %s is not a JSON object" % (what, _file_name(path)),
+                              status=500)
     return document, path
 
 
@@ -3194,9 +3233,19 @@ class GoogleAuthTransport:
                 _url_host(url), _redact(getattr(exc, "reason", exc))))
 
 
-def _run_google_auth(action, what, timeout, retry_delays, deadline=None):
+def _credential_secrets(credentials):
+    """What a google-auth credentials object holds that must never be quoted: its token,
+    refresh token and OAuth client secret (a secret of any shape, "GOCSPX-..." or older)."""
+    return tuple(value for value in (
+        getattr(credentials, name, None) for name in (
+            "token", "refresh_token", "client_secret", "_client_secret"))
+        if isinstance(value, str))
+
+
+def _run_google_auth(action, what, timeout, retry_delays, deadline=None, secrets=()):
     """Run `action(transport)` (a google-auth refresh), retrying transient failures and
-    turning google-auth's exceptions into CredentialError without quoting secrets."""
+    turning google-auth's exceptions into CredentialError without quoting secrets (those
+    `secrets` the caller knows of included)."""
     import google.auth.exceptions
 
     def attempt():
@@ -3208,12 +3257,13 @@ def _run_google_auth(action, what, timeout, retry_delays, deadline=None):
         except google.auth.exceptions.GoogleAuthError as exc:
             # Only the message: google-auth puts the whole response body in args[1], and that
             # body can hold a token even when it was refused.
-            message = _redact(exc.args[0] if exc.args else type(exc).__name__)
+            message = _redact(exc.args[0] if exc.args else type(exc).__name__,
+                              secrets=secrets)
             if transport.last_error_status is not None:
                 # Google answered with an error status: its JSON body names the cause.
                 raise _UpstreamFailure(
                     _describe_upstream_error(transport.last_error_status,
-                                             transport.last_error_body),
+                                             transport.last_error_body, secrets),
                     transport.last_error_status in _TRANSIENT_STATUSES,
                     _status_for_upstream(transport.last_error_status))
             if isinstance(exc, google.auth.exceptions.TransportError):
@@ -3305,6 +3355,10 @@ class ImpersonatedSource:
     def _load_source(google_auth, path):
         import google.auth.exceptions
 
+        if path and not os.path.isfile(path):
+            # google-auth's message would quote the value, which may be the file's content.
+            raise CredentialError("impersonation: cannot read source credentials file %s"
+                                  % _file_name(path), status=500)
         try:
             if path:
                 with warnings.catch_warnings():
@@ -3342,7 +3396,8 @@ class ImpersonatedSource:
             return Token(credentials.token, _datetime_to_epoch(credentials.expiry))
 
         return _run_google_auth(refresh, "impersonating %s" % self.email, self.timeout,
-                                self.retry_delays, mint_deadline(self.budget))
+                                self.retry_delays, mint_deadline(self.budget),
+                                _credential_secrets(self._source))
 
     def _shared_source(self):
         """The source credentials as impersonated.Credentials should see them: it copies its
@@ -3375,7 +3430,8 @@ class ImpersonatedSource:
                 return self._source.token
 
         return _run_google_auth(refresh, "refreshing the source credentials for %s"
-                                % self.email, self.timeout, self.retry_delays, deadline)
+                                % self.email, self.timeout, self.retry_delays, deadline,
+                                _credential_secrets(self._source))
 
     def id_token(self, audience, fmt="standard", compute_claims=None):
         # IAM-issued id tokens are Google-signed; format=full claims cannot be added.
@@ -3461,6 +3517,23 @@ class FederatedSource:
                                   status=500) from None
         return credentials.with_scopes([CLOUD_PLATFORM_SCOPE])
 
+    def _secrets(self):
+        """Secrets this configuration holds or points at, for _redact: its client secret,
+        the headers sent to a URL source, the subject token in a file source."""
+        source = self._info.get("credential_source") or {}
+        found = [self._info.get("client_secret")]
+        found += list((source.get("headers") or {}).values())
+        if source.get("file"):
+            try:
+                with open(source["file"], "r", encoding="utf-8") as handle:
+                    content = handle.read(65536).strip()
+                field = (source.get("format") or {}).get("subject_token_field_name")
+                found.append(json.loads(content).get(field) if field else content)
+            except (OSError, ValueError, AttributeError, TypeError):
+                pass
+        return tuple(s for s in found if isinstance(s, str)) + \
+            _credential_secrets(self._credentials)
+
     def describe(self):
         who = ("impersonating %s" % self.email) if self.email else "federated principal"
         return "workload identity federation (%s, audience %s)" % (who, self.audience)
@@ -3476,7 +3549,7 @@ class FederatedSource:
         # `credentials` is this call's own copy: mints for other scope sets run alongside.
         return _run_google_auth(refresh, "federated token%s" % (
             " for %s" % self.email if self.email else ""), self.timeout, self.retry_delays,
-            mint_deadline(self.budget))
+            mint_deadline(self.budget), self._secrets())
 
     def id_token(self, audience, fmt="standard", compute_claims=None):
         if not self.email:
@@ -3499,7 +3572,8 @@ class FederatedSource:
                 return sts_credentials.token
 
             bearer = _run_google_auth(refresh, "federated token for %s" % self.email,
-                                      self.timeout, self.retry_delays, deadline)
+                                      self.timeout, self.retry_delays, deadline,
+                                      self._secrets())
         iam_url = self._info["service_account_impersonation_url"].replace(
             ":generateAccessToken", ":generateIdToken")
         return _generate_id_token(iam_url, bearer, audience, (), "id token for %s"
@@ -3745,7 +3819,8 @@ def _read_tss2_pem(key_file):
         with open(key_file, "rb") as handle:
             data = handle.read()
     except OSError as exc:
-        raise TpmError("cannot read TPM key file %s: %s" % (key_file, exc.strerror or exc),
+        raise TpmError("cannot read TPM key file %s: %s" % (_file_name(key_file),
+                                                             exc.strerror or exc),
                        status=500) from None
     try:
         return pem_decode(data, "TSS2 PRIVATE KEY")[1]
@@ -5783,7 +5858,8 @@ def sts_call(params, keys, region=None, endpoint=None, timeout=10.0, environ=Non
     # No retries here: the refresher that calls this paces its own attempts.
     payload = post_upstream(url, what, body, dict(headers),
                             lambda status, text: "HTTP %d %s" % (status, _sts_error_text(text)),
-                            lambda status: 502, timeout, context=context)
+                            lambda status: 502, timeout, context=context,
+                            secrets=(keys.secret_key, keys.session_token))
     url = _url_host(url)
     action = params.get("Action", "STS")
     from xml.etree import ElementTree
@@ -6119,7 +6195,8 @@ class MetadataServer:
                                       parse_constant=_refuse_json_constant,
                                       parse_float=_finite_float)
         except OSError as exc:
-            raise ConfigError("cannot read %s: %s" % (self.config_path, exc.strerror or exc))
+            raise ConfigError("cannot read %s: %s" % (_file_name(self.config_path),
+                                                     exc.strerror or exc))
         except ValueError as exc:
             raise ConfigError("%s is not valid JSON: %s" % (self.config_path, exc))
         if not isinstance(document, dict):

@@ -193,8 +193,11 @@ class FakeGoogle:
 
     def fail_next(self, count, mode=500, endpoint=None):
         """Fail the next `count` calls (to `endpoint`, or any) with an HTTP status (500, 503,
-        401, 403, or "invalid_grant" for Google's 400), "close" (drop the connection) or
-        "unparseable-200" (a token google-auth cannot use)."""
+        401, 403, or "invalid_grant" for Google's 400), "close" (drop the connection),
+        "unparseable-200" (a token google-auth cannot use) or "echo-secrets" (a 401 whose
+        description quotes the credentials the request carried: its bearer token, client
+        secret, refresh token, assertion or subject token, plainly, percent-encoded and
+        inside a URL, as a careless upstream might)."""
         with self._lock:
             self._failures.append([endpoint, count, mode])
 
@@ -460,7 +463,7 @@ class _FakeGoogleHandler(http.server.BaseHTTPRequestHandler):
             return "iam:" + method, urllib.parse.unquote(email)
         return None, None
 
-    def _injected_failure(self, endpoint_names):
+    def _injected_failure(self, endpoint_names, sent=()):
         for name in endpoint_names:
             mode = self.google._take_failure(name)
             if mode is not None:
@@ -479,6 +482,14 @@ class _FakeGoogleHandler(http.server.BaseHTTPRequestHandler):
             # RefreshError then carries this whole body. The token is short and plain so that
             # only quoting discipline, not pattern redaction, can keep it out of messages.
             self._answer(200, {"accessToken": UNPARSEABLE_200_TOKEN, "expireTime": "soon"})
+            return True
+        if mode == "echo-secrets":
+            bearer = (self.headers.get("Authorization") or "").partition(" ")[2]
+            quoted = [value for value in list(sent) + [bearer] if value]
+            self._answer(401, {"error": "invalid_client", "error_description": " ".join(
+                "got %s (%s), see https://fake.example/e/%s?v=%s" % (
+                    value, urllib.parse.quote(value, safe=""), value,
+                    urllib.parse.quote(value, safe="")) for value in quoted)})
             return True
         if mode == "invalid_grant":
             self._answer(400, {"error": "invalid_grant",
@@ -534,7 +545,9 @@ class _FakeGoogleHandler(http.server.BaseHTTPRequestHandler):
                 with google._lock:
                     google.calls[counted] += 1
                     google.last_request[counted] = form
-                if self._injected_failure([counted, endpoint]):
+                sent = [form.get(name) for name in (
+                    "client_secret", "refresh_token", "assertion", "subject_token")]
+                if self._injected_failure([counted, endpoint], sent):
                     return None
                 if endpoint == "token":
                     _, answer = google.token_endpoint(form)

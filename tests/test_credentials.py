@@ -563,6 +563,69 @@ def test_impersonation_with_revoked_adc(fake, user_credentials):
     assert "1//" not in str(caught.value)
 
 
+def assert_none_quoted(secrets, texts):
+    for secret in secrets:
+        for form in (secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote(secret)):
+            for text in texts:
+                assert form not in text, (form, text)
+
+
+def test_an_upstream_that_echoes_the_adc_secrets_is_masked(fake, user_credentials, caplog):
+    # The client secret is short and plain (no pattern can know it is one): the source's
+    # own secrets are masked wherever, and however encoded, an error quotes them.
+    source = mds.ImpersonatedSource(fake.add_service_account().email,
+                                    source_credentials=user_credentials,
+                                    iam_endpoint_override=fake.url, retry_delays=FAST_RETRIES)
+    fake.fail_next(1, mode="echo-secrets", endpoint="token:refresh")
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(mds.CredentialError) as caught:
+            source.access_token((CLOUD_PLATFORM,))
+    message = str(caught.value)
+    assert "HTTP 401: invalid_client" in message and "https://fake.example/e/" in message
+    secrets = [user_credentials.client_secret, user_credentials.refresh_token]
+    assert len(user_credentials.client_secret) < 40
+    assert_none_quoted(secrets, [message] + [r.getMessage() for r in caplog.records])
+    # The IAM call echoing its bearer (the source's access token) and body.
+    fake.fail_next(1, mode="echo-secrets", endpoint="iam:generateAccessToken")
+    with pytest.raises(mds.CredentialError) as caught:
+        source.access_token((CLOUD_PLATFORM,))
+    assert "invalid_client" in str(caught.value)
+    assert_none_quoted([user_credentials.token], [str(caught.value)])
+
+
+def test_a_federation_upstream_that_echoes_the_subject_token_is_masked(fake, tmp_path):
+    config, token_path = fake.write_external_account_file(tmp_path)
+    with open(token_path, "w") as handle:
+        handle.write("opaque-Sub.tok/1234")        # not a JWT; too short for the catch-all
+    source = mds.FederatedSource(config, retry_delays=FAST_RETRIES)
+    fake.fail_next(1, mode="echo-secrets", endpoint="sts")
+    with pytest.raises(mds.CredentialError) as caught:
+        source.access_token((STORAGE_READ,))
+    assert "invalid_client" in str(caught.value)
+    assert_none_quoted(["opaque-Sub.tok/1234"], [str(caught.value)])
+
+
+def test_key_material_given_as_a_file_name_is_not_quoted(fake, tmp_path):
+    key_path, _ = fake.write_key_file(tmp_path)
+    with open(key_path) as handle:
+        key_json = handle.read()
+    private_key = json.loads(key_json)["private_key"]
+    body = private_key.splitlines()[1]
+    attempts = [
+        lambda: mds.build_credential_source({"type": "key-file", "key": key_json}),
+        lambda: mds.build_credential_source({"type": "key-file", "path": private_key}),
+        lambda: mds.FederatedSource(key_json),
+        lambda: mds.ImpersonatedSource("t@p.iam.gserviceaccount.com",
+                                       source_credentials_file=key_json),
+        lambda: mds.SigningKey(private_key),
+    ]
+    for attempt in attempts:
+        with pytest.raises((mds.CredentialError, mds.ConfigError)) as caught:
+            attempt()
+        assert "looks like a file's content" in str(caught.value)
+        assert body not in str(caught.value) and "private_key" not in str(caught.value)
+
+
 def test_missing_google_extra_is_a_clear_error(monkeypatch):
     for name in list(sys.modules):
         if name == "google.auth" or name.startswith("google.auth."):

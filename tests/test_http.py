@@ -349,6 +349,18 @@ def test_the_absolute_form_of_a_request_target_is_accepted(gce_server, target):
     assert answer.endswith(b"\r\n\r\n" + fetch(gce_server.port, V1 + "project/project-id")[1])
 
 
+def test_the_debug_log_shows_no_userinfo_of_a_proxy_form_target(cli_server):
+    server = cli_server("--log-level", "debug")
+    answer = raw_exchange(server.port, b"GET http://user:pa55w0rd@metadata.google.internal/"
+                          b"computeMetadata/v1/project/project-id HTTP/1.1\r\nHost: x\r\n"
+                          b"Metadata-Flavor: Google\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    time.sleep(0.2)
+    log = server.stderr()
+    assert "GET /computeMetadata/v1/project/project-id -> 200" in log, log
+    assert "pa55w0rd" not in log
+
+
 def test_raw_utf8_in_a_path_means_what_its_percent_encoding_means(mds_server_factory):
     server = mds_server_factory(config={"computeMetadata": {"v1": {"instance": {
         "attributes": {"café": "crème"}}}}})

@@ -6,6 +6,7 @@ import datetime
 import os
 import socket
 import time
+import urllib.parse
 
 import pytest
 
@@ -340,3 +341,19 @@ def test_imds_time_round_trip():
         "2026-11-22T19:00:00Z")
     with pytest.raises(ValueError):
         mds.parse_imds_time("22 Nov 2026")
+
+
+def test_an_sts_error_quoting_the_callers_own_keys_is_masked(fake_sts):
+    # An error message that echoes the session token (as a presigned URL would, percent-
+    # encoded) or the secret key must not carry them on to IMDS clients or the log.
+    quoted = urllib.parse.quote(SESSION_SOURCE.session_token, safe="")
+    fake_sts.fail_next(status=403, code="SignatureDoesNotMatch", message=(
+        "secret %s; see https://sts.example/x?X-Amz-Security-Token=%s; token %s"
+        % (SESSION_SOURCE.secret_key, quoted, SESSION_SOURCE.session_token)))
+    with pytest.raises(mds.CredentialError) as caught:
+        mds.sts_assume_role("arn:aws:iam::123456789012:role/demo", SESSION_SOURCE,
+                            region="eu-west-1", endpoint=fake_sts.url)
+    message = str(caught.value)
+    assert "SignatureDoesNotMatch" in message and "https://sts.example/x" in message
+    for secret in (SESSION_SOURCE.secret_key, SESSION_SOURCE.session_token, quoted):
+        assert secret not in message
