@@ -161,6 +161,11 @@ def resolve(root, segments):
     return node
 
 
+# Deeper documents are refused (see _check_depth); real metadata is a few levels deep, and
+# custom values a few more.
+MAX_DOCUMENT_DEPTH = 100
+
+
 def url_segments(path):
     """The segments of a path given to update() or delete(): "a/b/c", or a sequence of
     segments when one holds a "/" (an EC2 client network, "10.0.0.0/8")."""
@@ -368,7 +373,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def parse_request(self):
         self.log_target = "-"           # until this request's target is known
-        return super().parse_request()
+        if not super().parse_request():
+            return False
+        if not re.fullmatch(r"HTTP/[0-9]+\.[0-9]+", self.request_version):
+            # Python 3.11 refuses "HTTP/1.+1" itself; older ones read it as 1.1.
+            self.send_error(400, "Bad request version (%r)" % self.request_version)
+            return False
+        return True
 
     def _dispatch(self):
         mds = self.server.mds
@@ -474,6 +485,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         log.debug("%s " + format, self.client_address[0], *args)
 
 
+# Room for the deepest document (MAX_DOCUMENT_DEPTH) on Pythons before 3.11, whose Python
+# calls use the C stack.
+HANDLER_STACK_SIZE = 512 * 1024
+
+
 class _HTTPServer(http.server.ThreadingHTTPServer):
     """The listener: one daemon thread per connection, a deep accept backlog."""
 
@@ -491,7 +507,20 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
     def process_request(self, request, client_address):
         with self._connections_guard:
             self._connections.add(request)
-        super().process_request(request, client_address)
+        # Thousands of hanging GETs each hold a thread; a small stack lets them fit.  The size
+        # is process-wide, so it is set only while this thread starts (only the accept loop
+        # starts these), and never over one the embedding program chose.  (stack_size()
+        # sets as it reads: with no argument it sets 0.)
+        previous = threading.stack_size(HANDLER_STACK_SIZE)
+        if previous:
+            threading.stack_size(previous)
+        try:
+            super().process_request(request, client_address)
+        finally:
+            if not previous:
+                current = threading.stack_size(0)
+                if current != HANDLER_STACK_SIZE:       # the program chose one meanwhile
+                    threading.stack_size(current)
 
     def shutdown_request(self, request):
         with self._connections_guard:
@@ -1690,7 +1719,10 @@ class Ec2Flavor(object):
             raise ConfigError('"mds"."ec2"."clients" must map source IP/CIDR to a role name')
         for address, role in clients.items():
             try:
-                network = ipaddress.ip_network(str(address), strict=False)
+                # A zone ("fe80::1%eth0") is dropped, as from clients' addresses: Python
+                # 3.8 cannot parse one, and a client's zone is its own interface's name.
+                network = ipaddress.ip_network(re.sub(r"%[^/]*", "", str(address)),
+                                               strict=False)
             except ValueError:
                 raise ConfigError('"mds"."ec2"."clients": %r is not an IP address or CIDR'
                                   % address)
@@ -5976,10 +6008,6 @@ class MetadataServer:
         if self._httpd is not None:       # `with MetadataServer(...).start() as server:`
             return self
         family_server = _HTTPServer6 if ":" in self.host else _HTTPServer
-        # Thousands of hanging GETs each hold a thread; a small stack lets them fit.  This is a
-        # process-wide setting and only affects threads created from now on.
-        if threading.stack_size() == 0:
-            threading.stack_size(512 * 1024)
         self._httpd = family_server((self.host, self.requested_port), self)
         self._spawn(self._httpd.serve_forever, "mds-http", 0.05)
         if hasattr(self.flavor, "start"):
@@ -6125,6 +6153,7 @@ class MetadataServer:
         """The flavor's compile; any failure is the ConfigError it really is, so a bad document
         never costs the last good tree (or the thread that watches the file)."""
         try:
+            _check_depth(document)
             return self.flavor.compile(document)
         except ConfigError:
             raise
@@ -6295,6 +6324,21 @@ class MetadataServer:
             if self._certificate is None or self._certificate[0] is not key:
                 self._certificate = (key, x509_self_signed(key, "mds metadata server signing key"))
             return self._certificate[1]
+
+
+def _check_depth(document, limit=None):
+    """Refuse a document nested deeper than MAX_DOCUMENT_DEPTH: compiling and serving it
+    recurse, and on a handler thread's small stack (before Python 3.11) a deep enough
+    document would crash the process instead of raising."""
+    limit = MAX_DOCUMENT_DEPTH if limit is None else limit
+    pending = [(document, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if depth > limit:
+            raise ConfigError("the document nests deeper than %d levels" % limit)
+        children = value.values() if isinstance(value, dict) else value
+        pending.extend((child, depth + 1) for child in children
+                       if isinstance(child, (dict, list)))
 
 
 def _refuse_json_constant(name):

@@ -1004,6 +1004,15 @@ def test_delete_of_a_default_value_hides_it_and_of_nothing_names_the_path(ec2):
             server.delete(path)
 
 
+def test_a_client_network_with_an_ipv6_zone_is_read(ec2):
+    # Python 3.8 cannot parse a zone; the zone is dropped, as from clients' addresses.
+    server = ec2(config={"ec2": {}, "mds": {"ec2": {"clients": {
+        "fe80::1%eth0": "one", "fe80::%eth1/64": "net"}}}})
+    tree = server.store.tree
+    assert server.flavor.role_for_client(tree, "fe80::1%eth0") == "one"
+    assert server.flavor.role_for_client(tree, "fe80::2") == "net"
+
+
 def test_update_takes_segments_for_a_client_network(ec2):
     server = ec2(config={"ec2": {}, "mds": {"ec2": {"roles": {"dev": "offline"}}}})
     default = text(server, "/latest/meta-data/iam/security-credentials/")

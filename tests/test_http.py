@@ -326,6 +326,8 @@ def test_unknown_methods_get_the_flavors_405(mds_server_factory, flavor, allow):
     b"GET /" + b"a" * 70000 + b" HTTP/1.1",      # too long: 414
     b"GET / HTTP/2.0",                           # unsupported version: 505
     b"GET / FOO/1.1",                            # bad version: 400
+    b"GET / HTTP/1.+1",                          # before Python 3.11 read as HTTP/1.1
+    b"GET / HTTP/1.1_0",
 ])
 def test_requests_the_stdlib_refuses_leave_no_traceback(cli_server, request_line):
     server = cli_server("--log-level", "debug")

@@ -377,6 +377,10 @@ def assert_reload_failure_logged(caplog, *words):
      ["serviceAccounts"]),
     # A misspelled top-level key would otherwise serve the built-in VM without a word.
     ('{"computemetadata": {"v1": {}}}', ["computeMetadata", "computemetadata"]),
+    # Compiling recurses; before Python 3.11 a deep enough document crashed the watcher's
+    # thread (and the process) instead of failing.
+    ('{"computeMetadata": {"v1": {"instance": {"attributes": {"deep": %s"x"%s}}}}}'
+     % ('{"k": ' * 120, "}" * 120), ["deeper than 100 levels"]),
 ])
 def test_a_bad_reload_keeps_the_last_good_tree_and_logs_why(file_server, config_file, caplog,
                                                             content, reason_words):
@@ -397,6 +401,34 @@ def test_a_bad_reload_keeps_the_last_good_tree_and_logs_why(file_server, config_
     file_server.request_reload()
     assert wait_for_body(file_server, "instance/attributes/dash-key", b"recovered",
                          RELOAD_DEADLINE_SECONDS) is not None
+
+
+def test_a_document_at_the_depth_limit_is_served_and_one_deeper_is_refused(server):
+    deep = "x"
+    for _ in range(mds.MAX_DOCUMENT_DEPTH - 5):          # the value sits 5 levels down
+        deep = {"k": deep}
+    server.update("instance/attributes/deep", deep)
+    assert fetch(server, V1 + "instance/attributes/deep/?recursive=true").json() == deep
+    with pytest.raises(mds.ConfigError, match="deeper than 100 levels"):
+        server.update("instance/attributes/deep", {"k": deep})
+    assert fetch(server, V1 + "instance/attributes/deep/?recursive=true").json() == deep
+
+
+def test_serving_leaves_the_processs_thread_stack_size_alone(mds_server_factory):
+    # Handler threads start with a small stack; other threads of a program that embeds mds
+    # keep the default, which deep recursion before Python 3.11 needs.
+    import threading
+
+    assert threading.stack_size() == 0
+    server = mds_server_factory()
+    assert text(server, "project/project-id")
+    assert threading.stack_size() == 0
+    threading.stack_size(1024 * 1024)                 # a size the program chose is kept
+    try:
+        assert text(server, "project/project-id")
+        assert threading.stack_size() == 1024 * 1024
+    finally:
+        threading.stack_size(0)
 
 
 def test_a_bad_reload_with_command_line_overrides_keeps_the_watcher(tmp_path, caplog):
