@@ -182,6 +182,16 @@ def _list_index(key, items, allow_append=False):
     return index
 
 
+class _Watch:
+    """A change-waiter's question, asked of every tree published while it waits."""
+
+    __slots__ = ("changed_in", "found")
+
+    def __init__(self, changed_in):
+        self.changed_in = changed_in    # tree -> None, or a 1-tuple of what changed
+        self.found = None
+
+
 class MetadataStore:
     """The served document, its compiled tree, and the condition that change-waiters sleep on.
 
@@ -195,7 +205,7 @@ class MetadataStore:
         self.document = document
         self.tree = compile(document)
         self.generation = 0
-        self.recent = collections.deque(maxlen=4)    # (generation, tree), newest last
+        self._watches = set()
 
     def replace(self, document):
         # Compiled under the lock, so trees are published in the order they were compiled:
@@ -204,8 +214,21 @@ class MetadataStore:
             tree = self._compile(document)
             self.document, self.tree = document, tree
             self.generation += 1
-            self.recent.append((self.generation, tree))
+            # Each waiter keeps the first tree that changed its node, however many follow
+            # before it runs: a value changed and changed back at once is still a change.
+            for watch in self._watches:
+                if watch.found is None:
+                    watch.found = watch.changed_in(tree)
             self.changed.notify_all()
+
+    def watch(self, changed_in):
+        """Register a waiter (call with `changed` held); `unwatch` it when done."""
+        watch = _Watch(changed_in)
+        self._watches.add(watch)
+        return watch
+
+    def unwatch(self, watch):
+        self._watches.discard(watch)
 
     def edit(self, keys, value=None, delete=False):
         """Set (or delete) the value at a document key path and publish the new tree."""
@@ -1061,30 +1084,32 @@ class GceFlavor:
         etag = node.etag
         store = self.server.store
         deadline = None if timeout is None else time.monotonic() + timeout
+
+        def changed_in(tree):
+            then = resolve(tree.root, segments)
+            return None if then is not None and then.etag == etag else (then,)
+
         with store.changed:
-            seen = store.generation
-            while True:
-                if self.server.stopping:
-                    return None
-                # Every tree published since the last look, not only the newest: a value
-                # changed and changed back before this thread ran is still a change.
-                for generation, tree in store.recent:
-                    if generation > seen:
-                        then = resolve(tree.root, segments)
-                        if then is None or then.etag != etag:
-                            return then
-                seen = store.generation
-                current = resolve(store.tree.root, segments)
-                if current is None or current.etag != etag:
-                    return current
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return current
-                # Time out now and then to notice clients that hung up, so their threads end
-                # (checked at every wake-up too, as other keys may keep changing).
-                store.changed.wait(30.0 if remaining is None else min(remaining, 30.0))
-                if request.client_gone():
-                    return current
+            watch = store.watch(changed_in)
+            try:
+                while True:
+                    if self.server.stopping:
+                        return None
+                    if watch.found is not None:
+                        return watch.found[0]
+                    current = resolve(store.tree.root, segments)
+                    if current is None or current.etag != etag:   # before this one watched
+                        return current
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return current
+                    # Time out now and then to notice clients that hung up, so their threads
+                    # end (checked at every wake-up too, as other keys may keep changing).
+                    store.changed.wait(30.0 if remaining is None else min(remaining, 30.0))
+                    if watch.found is None and request.client_gone():
+                        return current
+            finally:
+                store.unwatch(watch)
 
     def render(self, node, alt, recursive):
         headers = [("ETag", node.etag)]

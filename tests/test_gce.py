@@ -821,6 +821,23 @@ def test_a_value_changed_and_changed_back_at_once_still_wakes_the_waiter(server)
     assert waiter.finished_at - waiter.started_at < 15, "it waited out its timeout_sec"
 
 
+def test_a_change_undone_at_once_wakes_the_waiter_however_many_changes_follow(server):
+    path = V1 + "instance/attributes/alpha"
+    etag = get(server, path).header("ETag")
+    waiter = parked_waiter(server, path + "?wait_for_change=true&timeout_sec=20&last_etag="
+                           + etag)
+    # Holding the store's lock keeps the waiter from running until all of these are out,
+    # as busy writers would: it must still see the change to its own key.
+    with server.store.changed:
+        server.update("instance/attributes/alpha", "pulse")
+        server.update("instance/attributes/alpha", "first")
+        for index in range(20):
+            server.update("instance/attributes/other-%d" % index, "x")
+    reply = waiter.result()
+    assert reply.body == b"pulse", reply
+    assert waiter.finished_at - waiter.started_at < 15, "it waited out its timeout_sec"
+
+
 def test_waiters_are_told_the_server_is_stopping_not_that_the_value_changed(
         mds_server_factory):
     server = mds_server_factory(config=copy.deepcopy(DOCUMENT))
