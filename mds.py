@@ -2532,7 +2532,8 @@ class TokenCache:
     and expired entries are dropped, so the cache stays as small as the tokens in use.
     """
 
-    MAX_ENTRIES = 10000
+    MAX_ENTRIES = 1000      # tokens, and failures; real clients use a handful of keys
+    MAX_KEY_CHARS = 4096    # a key this long (an audience, a scope list) is minted, not kept
 
     def __init__(self, margin=300, refresh_ahead=600, clock=time.time):
         self.margin = margin
@@ -2575,6 +2576,9 @@ class TokenCache:
             if now > entry[2] and key not in self._staged and self._may_try(key, now):
                 self._refresh_in_background(key, mint)
             return entry[0]
+        if _key_chars(key) > self.MAX_KEY_CHARS:
+            # Client-chosen keys this large would fill memory by the thousand.
+            return _mint_checked(mint)
         lock = self._acquire(key)
         try:
             # A background refresh of this key holds the lock while it mints: waiting for it
@@ -2594,8 +2598,9 @@ class TokenCache:
                 fresh = _mint_checked(mint)
             except CredentialError as exc:
                 failed = self.clock()
-                self._record_failure(key, now, failed, exc)
-                return self._fallback(token, failed, exc)
+                failure = self._record_failure(key, now, failed, exc)
+                self._prune(failed)
+                return self._fallback(token, failed, failure)
             self._failures.pop(key, None)
             self._tokens[key] = self._entry(fresh, self.clock())
             self._prune(now)
@@ -2606,7 +2611,8 @@ class TokenCache:
     def _prune(self, now):
         # Tokens nobody asked for again lapse; an audience per request must not grow the cache
         # without bound.
-        if now < self._next_prune and len(self._tokens) <= self.MAX_ENTRIES:
+        if now < self._next_prune and len(self._tokens) <= self.MAX_ENTRIES and \
+                len(self._failures) <= self.MAX_ENTRIES:
             return
         self._next_prune = now + 60
         for key in [k for k, e in list(self._tokens.items()) if e[0].expiry <= now]:
@@ -2620,6 +2626,10 @@ class TokenCache:
             for key, _ in by_expiry[:len(by_expiry) - self.MAX_ENTRIES]:
                 self._tokens.pop(key, None)
                 self._staged.pop(key, None)
+        if len(self._failures) > self.MAX_ENTRIES:    # the soonest retried go first
+            by_retry = sorted(list(self._failures.items()), key=lambda item: item[1][0])
+            for key, _ in by_retry[:len(by_retry) - self.MAX_ENTRIES]:
+                self._failures.pop(key, None)
 
     def _may_try(self, key, now):
         failure = self._failures.get(key)
@@ -2634,15 +2644,17 @@ class TokenCache:
         failure = self._failures.get(key)
         tries = failure[1] + 1 if failure else 1
         pause = max(min(30, 2 ** (tries - 1)), failed - started)
-        self._failures[key] = (failed + pause, tries, exc)
+        # The message and status only: the exception's traceback would keep the failed
+        # request (an assertion, a signed body) alive as long as the entry.
+        self._failures[key] = (failed + pause, tries, (str(exc), exc.status))
+        return self._failures[key][2]
 
-    def _fallback(self, token, now, exc):
+    def _fallback(self, token, now, failure):
         # A cached token that still works beats an error while the upstream recovers.
         if token is not None and token.expiry - now > 60:
             return token
-        # A fresh exception each time: re-raising the stored one would grow its traceback
-        # with every waiting request.
-        raise CredentialError(str(exc), exc.status)
+        message, status = failure
+        raise CredentialError(message, status)
 
     def _refresh_in_background(self, key, mint):
         with self._guard:
@@ -2666,6 +2678,17 @@ class TokenCache:
                     self._refreshing.discard(key)
 
         threading.Thread(target=refresh, name="mds-refresh", daemon=True).start()
+
+
+def _key_chars(key):
+    """How many characters a token-cache key holds: its strings, and those in its tuples."""
+    total = 0
+    for part in key:
+        if isinstance(part, str):
+            total += len(part)
+        elif isinstance(part, tuple):
+            total += sum(len(item) for item in part if isinstance(item, str))
+    return total
 
 
 def _mint_checked(mint):

@@ -1314,6 +1314,32 @@ def test_expired_entries_and_idle_locks_are_dropped():
     assert list(cache._tokens) == [("identity", "one-more")]
 
 
+def test_the_cache_is_bounded_in_entries_failures_and_key_size():
+    clock = FakeClock()
+    cache = mds.TokenCache(clock=clock)
+    mint = CountingMint(clock)
+    for number in range(cache.MAX_ENTRIES + 200):
+        cache.get(("identity", "audience-%d" % number), mint)
+    assert len(cache._tokens) == cache.MAX_ENTRIES
+
+    def refused():
+        raise mds.CredentialError("HTTP 400: invalid_grant", 403)
+
+    for number in range(cache.MAX_ENTRIES + 200):
+        with pytest.raises(mds.CredentialError, match="invalid_grant"):
+            cache.get(("access", "scope-%d" % number), refused)
+    assert len(cache._failures) <= cache.MAX_ENTRIES
+    # What a failure keeps is its message and status, not the exception and its traceback.
+    assert not [f for f in cache._failures.values()
+                if any(isinstance(part, BaseException) for part in f)]
+
+    # A client-chosen key too large to keep is minted for each request.
+    huge = ("identity", "https://aud.example/" + "x" * cache.MAX_KEY_CHARS, "full")
+    before = mint.calls
+    assert cache.get(huge, mint).value != cache.get(huge, mint).value
+    assert mint.calls == before + 2 and huge not in cache._tokens
+
+
 def test_an_unexpected_mint_failure_is_a_500_that_backs_off():
     clock = FakeClock()
     cache = mds.TokenCache(clock=clock)
