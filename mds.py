@@ -623,6 +623,9 @@ JSON_BY_DEFAULT = (("instance", "tags"),)
 SERVICE_ACCOUNT_ENDPOINTS = ("token", "identity")
 
 CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
+GUEST_VALUE_LIMIT = 256 * 1024
+GUEST_TOTAL_LIMIT = 512 * 1024
+GUEST_COUNT_LIMIT = 1000
 DEFAULT_SCOPES = (CLOUD_PLATFORM, "https://www.googleapis.com/auth/userinfo.email")
 
 
@@ -1218,9 +1221,30 @@ class GceFlavor:
         if "/" in namespace + key:
             return Response(400, "Bad request: a guest attribute's namespace and key cannot "
                             "contain '/'\n", "text/html; charset=UTF-8")
-        self.server.update("instance/guest-attributes/%s/%s" % (namespace, key),
-                           request.body.decode("utf-8", "replace"))
+        value = request.body.decode("utf-8", "replace")
+        refusal = self._guest_attribute_limits(namespace, key, value)
+        if refusal:
+            return Response(400, "Bad request: %s\n" % refusal, "text/html; charset=UTF-8")
+        self.server.update("instance/guest-attributes/%s/%s" % (namespace, key), value)
         return Response(200, b"", "application/text")
+
+    def _guest_attribute_limits(self, namespace, key, value):
+        # [INFER] Google documents no limits for guest attributes; these are custom metadata's
+        # (a value of at most 256 KiB, 512 KiB in all), plus a count.  Every PUT recompiles the
+        # tree, so an unbounded guest could slow every reader down.
+        instance = ((self.server.store.document.get("computeMetadata") or {}).get("v1")
+                    or {}).get("instance") or {}
+        entries = {(ns, k): str(v) for ns, keys in (instance.get("guestAttributes") or
+                                                     {}).items()
+                   if isinstance(keys, dict) for k, v in keys.items()}
+        entries[(namespace, key)] = value
+        if len(value.encode("utf-8")) > GUEST_VALUE_LIMIT:
+            return "a guest attribute's value is limited to %d bytes" % GUEST_VALUE_LIMIT
+        if len(entries) > GUEST_COUNT_LIMIT:
+            return "at most %d guest attributes" % GUEST_COUNT_LIMIT
+        if sum(len(n) + len(k) + len(v) for (n, k), v in entries.items()) > GUEST_TOTAL_LIMIT:
+            return "guest attributes are limited to %d bytes in all" % GUEST_TOTAL_LIMIT
+        return None
 
     def forbidden(self, request, reason="Missing Metadata-Flavor:Google header."):
         if self.variant == "gke":

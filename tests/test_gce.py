@@ -6,6 +6,7 @@ library normalises headers, follows redirects or decodes bodies on our behalf.
 """
 
 import base64
+import collections
 import copy
 import http.client
 import json
@@ -918,6 +919,31 @@ def test_a_guest_attribute_is_a_namespace_and_a_key(server, rest):
     assert reply.status == 400, reply
     after = fetch(server, listing)
     assert (after.status, after.body) == (before.status, before.body)
+
+
+def test_guest_attributes_are_bounded_in_size_and_count(server):
+    base = V1 + "instance/guest-attributes/"
+    too_big = b"v" * (mds.GUEST_VALUE_LIMIT + 1)
+    reply = fetch(server, base + "ns/big", method="PUT", body=too_big)
+    assert reply.status == 400 and b"limited to" in reply.body, reply
+    assert fetch(server, base + "ns/big").status == 404
+    # Values that each fit, until their total does not: the last one is refused and the
+    # ones before it stay.
+    value = b"v" * (mds.GUEST_TOTAL_LIMIT // 4 - 16)          # room for the names too
+    statuses = [fetch(server, base + "ns/k%d" % n, method="PUT", body=value).status
+                for n in range(5)]
+    assert statuses[:-1] == [200] * (len(statuses) - 1) and statuses[-1] == 400, statuses
+    assert get(server, base + "ns/k0").body == value
+    # Rewriting an existing key within the total is fine.
+    assert fetch(server, base + "ns/k0", method="PUT", body=b"small").status == 200
+
+
+def test_guest_attributes_are_bounded_in_count(server):
+    base = V1 + "instance/guest-attributes/"
+    statuses = collections.Counter(
+        fetch(server, base + "many/k%d" % n, method="PUT", body=b"x").status
+        for n in range(mds.GUEST_COUNT_LIMIT + 1))
+    assert statuses == {200: mds.GUEST_COUNT_LIMIT, 400: 1}, statuses
 
 
 # ---- timed events: preemption and maintenance ---------------------------------------------
