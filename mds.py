@@ -32,6 +32,7 @@ import collections
 import copy
 import datetime
 import email.utils
+import errno
 import hashlib
 import hmac
 import http.client
@@ -386,7 +387,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"       # keep-alive; every response carries Content-Length
     wbufsize = -1                       # headers and body leave in one write
     disable_nagle_algorithm = True      # without TCP_NODELAY keep-alive clients stall ~40 ms
-    timeout = 300                       # idle keep-alive connections do not live forever
+    # Idle keep-alive connections end after a minute (clients reconnect), and so does a
+    # client that stops reading: each holds a thread and a file descriptor.
+    timeout = 60
 
     def handle(self):
         try:
@@ -490,7 +493,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self.close_connection:
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        self.wfile.write(head if self.command == "HEAD" else head + body)
+        # Two writes into one buffer: small answers still leave in one segment, and a large
+        # body is not copied once more for each client reading it slowly.
+        self.wfile.write(head)
+        if self.command != "HEAD":
+            self.wfile.write(body)
         # A request the stdlib refused (414, bad version) has no target yet.
         log.debug("%s %s %s -> %d", self.client_address[0], self.command,
                   getattr(self, "log_target", "-"), response.status)
@@ -525,7 +532,23 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
         self.mds = mds
         self._connections = set()
         self._connections_guard = threading.Lock()
+        self._fd_warning_due = 0.0
         super().__init__(address, _Handler)
+
+    def get_request(self):
+        try:
+            return super().get_request()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                # Out of file descriptors, the listener stays readable and the accept loop
+                # would spin; pause so that connections can end, and say so now and then.
+                now = time.monotonic()
+                if now >= self._fd_warning_due:
+                    self._fd_warning_due = now + 60
+                    log.warning("out of file descriptors (%s): new connections wait until "
+                                "others end", exc.strerror)
+                time.sleep(0.1)
+            raise
 
     def process_request(self, request, client_address):
         with self._connections_guard:

@@ -288,14 +288,15 @@ class MdsCli:
     come from it, `stderr()` is the log so far (all of it after `stop()`).
     """
 
-    def __init__(self, log_dir, *args, startup_timeout=30):
+    def __init__(self, log_dir, *args, startup_timeout=30, preexec_fn=None):
         handle, self.stderr_path = tempfile.mkstemp(prefix="mds-stderr-", suffix=".log",
                                                     dir=str(log_dir))
         with os.fdopen(handle, "wb") as stderr_file:
             self.process = subprocess.Popen(
                 [sys.executable, os.path.join(REPO_ROOT, "mds.py"), "--port", "0"]
                 + [str(arg) for arg in args],
-                stdout=subprocess.DEVNULL, stderr=stderr_file, cwd=REPO_ROOT)
+                stdout=subprocess.DEVNULL, stderr=stderr_file, cwd=REPO_ROOT,
+                preexec_fn=preexec_fn)
         self.port = None
         deadline = time.monotonic() + startup_timeout
         while time.monotonic() < deadline and self.process.poll() is None:

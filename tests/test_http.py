@@ -351,6 +351,40 @@ def test_the_absolute_form_of_a_request_target_is_accepted(gce_server, target):
     assert answer.endswith(b"\r\n\r\n" + fetch(gce_server.port, V1 + "project/project-id")[1])
 
 
+def test_running_out_of_file_descriptors_is_reported_and_survived(tmp_path):
+    import resource
+
+    def few_descriptors():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    server = MdsCli(tmp_path, startup_timeout=30, preexec_fn=few_descriptors)
+    idle = []
+    try:
+        for _ in range(80):                    # more than the server can accept
+            idle.append(socket.create_connection(("127.0.0.1", server.port), timeout=5))
+        deadline = time.monotonic() + 10
+        while "out of file descriptors" not in server.stderr() and \
+                time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "out of file descriptors" in server.stderr(), server.stderr()
+        for connection in idle:
+            connection.close()
+        idle = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:      # the backlog drains as connections end
+            try:
+                if fetch(server.port, "/", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.2)
+        assert fetch(server.port, "/")[0] == 200
+        assert "Traceback" not in server.stderr()
+    finally:
+        for connection in idle:
+            connection.close()
+        server.stop()
+
+
 def test_the_debug_log_shows_no_userinfo_of_a_proxy_form_target(cli_server):
     server = cli_server("--log-level", "debug")
     answer = raw_exchange(server.port, b"GET http://user:pa55w0rd@metadata.google.internal/"
