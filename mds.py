@@ -364,6 +364,10 @@ class Request:
             return True
 
 
+class ClientGone(Exception):
+    """Raised by a flavor whose client hung up while it waited: the connection just ends."""
+
+
 class Response:
     """Status, body and headers a flavor hands back to the HTTP layer."""
 
@@ -433,6 +437,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                           self.headers.get("Host") or mds.authority, body, self.connection)
         try:
             response = mds.flavor.respond(request)
+        except ClientGone:
+            log.debug("%s hung up while waiting on %s", self.client_address[0], path)
+            self.close_connection = True
+            return
         except Exception:                # a bug must cost one request, not the server
             log.exception("internal error answering %s %s", self.command, path)
             response = Response(500, "Internal error in mds; see the server log.\n",
@@ -1133,7 +1141,9 @@ class GceFlavor:
                     # end (checked at every wake-up too, as other keys may keep changing).
                     store.changed.wait(30.0 if remaining is None else min(remaining, 30.0))
                     if watch.found is None and request.client_gone():
-                        return current
+                        # No answer at all: the unchanged value would read as a change to a
+                        # client that only shut down its sending side.
+                        raise ClientGone()
             finally:
                 store.unwatch(watch)
 

@@ -11,6 +11,7 @@ import copy
 import http.client
 import json
 import re
+import socket
 import threading
 import time
 import urllib.parse
@@ -837,6 +838,24 @@ def test_a_change_undone_at_once_wakes_the_waiter_however_many_changes_follow(se
     reply = waiter.result()
     assert reply.body == b"pulse", reply
     assert waiter.finished_at - waiter.started_at < 15, "it waited out its timeout_sec"
+
+
+def test_a_waiter_that_shut_down_its_sending_side_gets_no_false_change(server):
+    path = V1 + "instance/attributes/alpha"
+    etag = get(server, path).header("ETag")
+    connection = socket.create_connection(("127.0.0.1", server.port), timeout=20)
+    try:
+        connection.sendall(("GET %s?wait_for_change=true&last_etag=%s HTTP/1.1\r\n"
+                            "Host: x\r\nMetadata-Flavor: Google\r\n\r\n"
+                            % (path, etag)).encode())
+        connection.shutdown(socket.SHUT_WR)
+        time.sleep(0.3)
+        server.update("instance/attributes/other", "wakes every waiter")
+        # The waiter notices its client hung up and ends the connection without an answer:
+        # a 200 with the unchanged value would read as a change.
+        assert connection.recv(1024) == b""
+    finally:
+        connection.close()
 
 
 def test_waiters_are_told_the_server_is_stopping_not_that_the_value_changed(
