@@ -412,6 +412,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return True
 
     def _dispatch(self):
+        self.server.request_started()
+        try:
+            self._answer()
+            self.wfile.flush()          # out before stop() may close the connection
+        finally:
+            self.server.request_finished()
+
+    def _answer(self):
         mds = self.server.mds
         target = self.path
         if target.startswith(("http://", "https://")):
@@ -541,6 +549,8 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
         self._connections = set()
         self._connections_guard = threading.Lock()
         self._fd_warning_due = 0.0
+        self._answering = 0
+        self._answered = threading.Condition(self._connections_guard)
         super().__init__(address, _Handler)
 
     def get_request(self):
@@ -575,6 +585,23 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
                 current = threading.stack_size(0)
                 if current != HANDLER_STACK_SIZE:       # the program chose one meanwhile
                     threading.stack_size(current)
+
+    def request_started(self):
+        with self._connections_guard:
+            self._answering += 1
+
+    def request_finished(self):
+        with self._connections_guard:
+            self._answering -= 1
+            self._answered.notify_all()
+
+    def wait_answered(self, timeout):
+        """Wait until no request is being answered (or `timeout` passes): at stop, woken
+        waiters then deliver their 503 before the connections are closed."""
+        deadline = time.monotonic() + timeout
+        with self._connections_guard:
+            while self._answering and time.monotonic() < deadline:
+                self._answered.wait(deadline - time.monotonic())
 
     def shutdown_request(self, request):
         with self._connections_guard:
@@ -6139,6 +6166,7 @@ class MetadataServer:
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
+            self._httpd.wait_answered(1.0)
             self._httpd.close_connections()
         for thread in self._threads:
             thread.join(timeout=5)
