@@ -1,6 +1,7 @@
 """Real AWS clients against the EC2 flavor: boto3/botocore (credential chain, IMDS region
 lookup, container provider), the AWS SDK for JavaScript v3 (fromInstanceMetadata,
-fromContainerMetadata, fromHttp) and the `ec2-metadata` package.
+fromContainerMetadata, fromHttp), the AWS SDKs for Go v1 and v2 (IMDS clients, EC2 role
+and container credential providers) and the `ec2-metadata` package.
 
 Every client runs in a child process with an isolated environment (tests/clients.py) so that
 it sees only the server under test.
@@ -295,6 +296,112 @@ def test_go_sdk_v2_imds_and_role_credentials(ec2, client_env, required):
     assert report["session_token"] == served["Token"]
     assert report["can_expire"] is True
     assert report["source"] == "EC2RoleProvider"
+
+
+# ---------------------------------------------------------------------------
+# AWS SDK for Go v1 (Debian's golang-github-aws-aws-sdk-go-dev, built offline)
+# ---------------------------------------------------------------------------
+
+def run_go_v1(env, mode):
+    require_path(os.path.join(clients.DEBIAN_GOPATH, "src", "github.com", "aws",
+                              "aws-sdk-go", "aws", "ec2metadata"),
+                 "Debian package golang-github-aws-aws-sdk-go-dev")
+    require_path(os.path.join(clients.GO_DIR, "awsimdsv1", "main.go"),
+                 "tests/go/awsimdsv1 (the AWS SDK for Go v1 client program)")
+    return clients.run_go("awsimdsv1", env, [mode])
+
+
+def served_imds(server, path):
+    """GET /latest/<path> with an IMDSv2 token (raw HTTP); the body as text."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.request("PUT", "/latest/api/token",
+                 headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+    token = conn.getresponse().read().decode()
+    conn.request("GET", "/latest/" + path, headers={"X-aws-ec2-metadata-token": token})
+    response = conn.getresponse()
+    body = response.read().decode("utf-8")
+    conn.close()
+    assert response.status == 200, (path, response.status, body)
+    return body
+
+
+def served_ecs(server, token):
+    """The ECS endpoint's (status, JSON body) for Authorization `token` (raw HTTP)."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.request("GET", server.flavor.ecs_env()["AWS_CONTAINER_CREDENTIALS_FULL_URI"],
+                 headers={"Authorization": token})
+    response = conn.getresponse()
+    body = json.loads(response.read())
+    conn.close()
+    return response.status, body
+
+
+def assert_go_v1_credentials(report, prefix, served, provider):
+    assert report[prefix + "_provider"] == provider
+    assert report[prefix + "_access_key_id"] == served["AccessKeyId"]
+    assert report[prefix + "_secret_access_key"] == served["SecretAccessKey"]
+    assert report[prefix + "_session_token"] == served["Token"]
+
+
+@pytest.mark.parametrize("required", [False, True], ids=["v1-allowed", "imdsv2-required"])
+def test_go_sdk_v1_imds_and_role_credentials(ec2, client_env, required):
+    user_data = "#!/bin/sh\necho 'go sdk v1'\n"
+    server = ec2(imdsv2_required=required, config={"ec2": {
+        "meta-data": {"placement": {"availability-zone": "ap-southeast-2c"}},
+        "user-data": user_data}})
+    report = run_go_v1(client_env(server), "imds")
+    errors = {k: v for k, v in report.items() if k.endswith("_error")}
+    assert not errors, errors
+    assert report["available"] is True
+
+    document_raw = served_imds(server, "dynamic/instance-identity/document")
+    document = json.loads(document_raw)
+    assert report["document_raw"] == document_raw
+    assert report["document"] == {key: document[key] for key in report["document"]}
+    assert report["instance_id"] == served_imds(server, "meta-data/instance-id") \
+        == document["instanceId"]
+    assert report["availability_zone"] \
+        == served_imds(server, "meta-data/placement/availability-zone") \
+        == document["availabilityZone"] == "ap-southeast-2c"
+    assert report["region"] == document["region"] == "ap-southeast-2"
+    served_info = json.loads(served_imds(server, "meta-data/iam/info"))
+    assert report["iam_info"] == {key: served_info[key] for key in report["iam_info"]}
+    assert report["user_data"] == served_imds(server, "user-data") == user_data
+
+    role = served_imds(server, "meta-data/iam/security-credentials/")
+    assert report["role_list"] == role == mds.DEFAULT_ROLE_NAME
+    served = served_credentials(server, role)
+    assert_go_v1_credentials(report, "role", served, "EC2RoleProvider")
+    assert report["role_expires"] == served["Expiration"]
+    # The default chain ends in the same EC2 role provider (with its own expiry window).
+    assert_go_v1_credentials(report, "chain", served, "EC2RoleProvider")
+
+
+@pytest.mark.parametrize("required", [False, True], ids=["v1-allowed", "imdsv2-required"])
+def test_go_sdk_v1_container_credentials(ec2, client_env, required):
+    token = "Bearer go-v1-ecs-token"
+    server = ec2(imdsv2_required=required, ecs_auth_token=token)
+    env = client_env(server, **server.flavor.ecs_env())
+    assert env["AWS_CONTAINER_AUTHORIZATION_TOKEN"] == token
+    # Only the container endpoint may answer: no fallback to the IMDS role.
+    env["AWS_EC2_METADATA_DISABLED"] = "true"
+    report = run_go_v1(env, "ecs")
+    errors = {k: v for k, v in report.items() if k.endswith("_error")}
+    assert not errors, errors
+    status, served = served_ecs(server, token)
+    assert status == 200, served
+    assert_go_v1_credentials(report, "ecs", served, "CredentialsEndpointProvider")
+    assert report["ecs_expires"] == served["Expiration"]
+    assert_go_v1_credentials(report, "chain", served, "CredentialsEndpointProvider")
+
+    env["AWS_CONTAINER_AUTHORIZATION_TOKEN"] = "Bearer wrong"
+    report = run_go_v1(env, "ecs")
+    status, refusal = served_ecs(server, "Bearer wrong")
+    assert status == 403
+    assert refusal["Code"] in report["ecs_error"], report
+    assert refusal["Message"] in report["ecs_error"], report
+    assert "ecs_access_key_id" not in report
+    assert "chain_error" in report and "chain_access_key_id" not in report, report
 
 
 # ---------------------------------------------------------------------------
