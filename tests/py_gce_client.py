@@ -11,9 +11,14 @@ regional-access-boundary lookup to iamcredentials.googleapis.com, and a
 client that escapes the emulator must show up as a test failure, not as a
 network timeout.
 
-Usage: python py_gce_client.py <id-token-audience>
+Usage: python py_gce_client.py <id-token-audience> [--retarget-audience AUDIENCE]
+           [--scopes SCOPE,...] [--with-scopes SCOPE,...] [--account EMAIL]
+
+Without options it reports the calls every VM supports; each option adds the calls that
+need its value (a second id-token audience, scopes to ask for, a non-default account).
 """
 
+import argparse
 import calendar
 import json
 import socket
@@ -75,10 +80,36 @@ def _epoch(naive_utc):
     return calendar.timegm(naive_utc.utctimetuple()) if naive_utc else None
 
 
+def _parse_args(argv):
+    parser = argparse.ArgumentParser(prog="py_gce_client.py")
+    parser.add_argument("audience", help="audience of the id tokens asked for")
+    parser.add_argument("--retarget-audience",
+                        help="IDTokenCredentials.with_target_audience to this audience")
+    parser.add_argument("--scopes", help="comma-separated: Credentials(scopes=[...])")
+    parser.add_argument("--with-scopes", help="comma-separated: Credentials().with_scopes")
+    parser.add_argument("--account", help="Credentials(service_account_email=...)")
+    return parser.parse_args(argv)
+
+
+def _refreshed(credentials, request):
+    """What refreshed compute_engine.Credentials hold, for the report."""
+    credentials.refresh(request)
+    return {"token": credentials.token,
+            "expiry": _epoch(credentials.expiry),
+            "service_account_email": credentials.service_account_email,
+            "scopes": list(credentials.scopes or [])}
+
+
+def _refreshed_id_token(credentials, request):
+    credentials.refresh(request)
+    return {"token": credentials.token,
+            "expiry": _epoch(credentials.expiry),
+            "service_account_email": credentials.service_account_email}
+
+
 def main():
-    if len(sys.argv) != 2:
-        sys.exit("usage: py_gce_client.py <id-token-audience>")
-    audience = sys.argv[1]
+    args = _parse_args(sys.argv[1:])
+    audience = args.audience
     _install_loopback_guard()
 
     import google.auth
@@ -101,16 +132,45 @@ def main():
 
     out["metadata_project_id"] = _capture(lambda: _metadata.get(request, "project/project-id"))
 
-    def compute_refresh():
-        credentials = compute_engine.Credentials()
-        credentials.refresh(request)
-        return {"token": credentials.token,
-                "expiry": _epoch(credentials.expiry),
-                "service_account_email": credentials.service_account_email,
-                "scopes": list(credentials.scopes or [])}
-    out["compute_token"] = _capture(compute_refresh)
+    out["compute_token"] = _capture(lambda: _refreshed(compute_engine.Credentials(), request))
 
     out["id_token"] = _capture(lambda: id_token.fetch_id_token(request, audience))
+
+    # The metadata identity endpoint through the credentials class (format=full).
+    def id_token_credentials():
+        return compute_engine.IDTokenCredentials(request, audience,
+                                                 use_metadata_identity_endpoint=True)
+    out["id_token_credentials"] = _capture(
+        lambda: _refreshed_id_token(id_token_credentials(), request))
+    if args.retarget_audience:
+        out["id_token_credentials_retargeted"] = _capture(lambda: _refreshed_id_token(
+            id_token_credentials().with_target_audience(args.retarget_audience), request))
+    # IDTokenCredentials has no licenses option; ask the way an application has to.
+    out["id_token_with_licenses"] = _capture(lambda: _metadata.get(
+        request, "instance/service-accounts/default/identity",
+        params={"audience": audience, "format": "full", "licenses": "TRUE"}))
+
+    out["metadata_instance_recursive"] = _capture(
+        lambda: _metadata.get(request, "instance/", recursive=True))
+    out["metadata_get_project_id"] = _capture(lambda: _metadata.get_project_id(request))
+    out["metadata_service_account_info"] = _capture(
+        lambda: _metadata.get_service_account_info(request))
+    out["universe_domain"] = _capture(lambda: compute_engine.Credentials().universe_domain)
+
+    if args.scopes:
+        out["scoped_token"] = _capture(lambda: _refreshed(
+            compute_engine.Credentials(scopes=args.scopes.split(",")), request))
+    if args.with_scopes:
+        out["with_scopes_token"] = _capture(lambda: _refreshed(
+            compute_engine.Credentials().with_scopes(args.with_scopes.split(",")), request))
+    if args.account:
+        # gcloud's credentials for a VM account that is not the default one.
+        out["account_token"] = _capture(lambda: _refreshed(
+            compute_engine.Credentials(service_account_email=args.account), request))
+        out["account_info"] = _capture(
+            lambda: _metadata.get_service_account_info(request, args.account))
+        out["account_direct_token"] = _capture(lambda: _metadata.get_service_account_token(
+            request, service_account=args.account)[0])
 
     def storage_client():
         from google.cloud import storage

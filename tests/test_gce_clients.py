@@ -21,8 +21,12 @@ import mds
 from clients import MdsCli, go_binary, run_go, run_node, run_python, start_go
 
 AUDIENCE = "https://mds-test.example/endpoint?x=1"
+SECOND_AUDIENCE = "https://mds-test.example/second"
 ID_TOKEN_ISSUER = "https://accounts.google.com"
 CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+STORAGE_READ_SCOPE = "https://www.googleapis.com/auth/devstorage.read_only"
+USERINFO_EMAIL_SCOPE = "https://www.googleapis.com/auth/userinfo.email"
+IDENTITY_PATH = "instance/service-accounts/default/identity"
 # Seconds allowed between the server computing expires_in and a client
 # turning it into an absolute expiry.
 CLOCK_SLACK_SECONDS = 30
@@ -52,6 +56,22 @@ def custom_vm_document():
     })
     v1["instance"]["networkInterfaces"][0].update({"ip": "10.10.0.7"})
     v1["instance"]["networkInterfaces"][0]["accessConfigs"][0]["externalIp"] = "203.0.113.9"
+    v1["instance"]["licenses"] = [{"id": "1000010"}, {"id": "7883559014960410759"}]
+    return document
+
+
+SECONDARY_EMAIL = "builder@custom-project-42.iam.gserviceaccount.com"
+SECONDARY_SCOPES = [USERINFO_EMAIL_SCOPE, STORAGE_READ_SCOPE]
+CUSTOM_UNIVERSE = "universe.mds-test.example"
+
+
+def two_account_document():
+    """The custom VM with a second, non-default account and its own universe domain."""
+    document = custom_vm_document()
+    v1 = document["computeMetadata"]["v1"]
+    v1["instance"]["serviceAccounts"][SECONDARY_EMAIL] = {
+        "aliases": [], "email": SECONDARY_EMAIL, "scopes": list(SECONDARY_SCOPES)}
+    v1["universe"] = {"universeDomain": CUSTOM_UNIVERSE}
     return document
 
 
@@ -87,11 +107,11 @@ def served_lines(server, key):
     return [line for line in served(server, key).split("\n") if line]
 
 
-def served_token(server, scopes=None):
+def served_token(server, scopes=None, account="default"):
     """The access token the server's token endpoint hands out right now."""
     query = {"scopes": ",".join(scopes)} if scopes else None
     status, headers, body = fetch(
-        server, "/computeMetadata/v1/instance/service-accounts/default/token", query)
+        server, "/computeMetadata/v1/instance/service-accounts/%s/token" % account, query)
     assert status == 200, body[:200]
     return json.loads(body.decode("utf-8"))
 
@@ -218,7 +238,8 @@ def test_go_compute_metadata_helpers(gce_server, client_env):
     assert value_of(report, "instance_id") == served(gce_server, "instance/id").strip()
     assert value_of(report, "instance_name") == served(gce_server, "instance/name").strip()
     assert value_of(report, "hostname") == served(gce_server, "instance/hostname").strip()
-    assert value_of(report, "zone") == served(gce_server, "instance/zone").strip().rsplit("/", 1)[-1]
+    assert value_of(report, "zone") == \
+        served(gce_server, "instance/zone").strip().rsplit("/", 1)[-1]
     assert value_of(report, "email") == \
         served(gce_server, "instance/service-accounts/default/email").strip()
     assert value_of(report, "scopes") == \
@@ -397,7 +418,8 @@ def test_python_google_auth_and_storage(gce_server, client_env):
     assert compute["scopes"] == vm_scopes
     server_token = served_token(gce_server, vm_scopes)
     assert compute["token"] == server_token["access_token"]
-    assert abs(compute["expiry"] - (time.time() + server_token["expires_in"])) <= CLOCK_SLACK_SECONDS
+    assert abs(compute["expiry"] - (time.time() + server_token["expires_in"])) <= \
+        CLOCK_SLACK_SECONDS
 
     claims = assert_valid_id_token(gce_server, value_of(report, "id_token"), AUDIENCE, email)
     assert_full_format_claims(gce_server, claims)
@@ -406,6 +428,133 @@ def test_python_google_auth_and_storage(gce_server, client_env):
     assert storage["project"] == project_id
     assert storage["credentials_class"] == "google.auth.compute_engine.credentials.Credentials"
 
+
+@VM_CONFIGS
+def test_python_id_token_credentials_from_the_identity_endpoint(gce_server, client_env):
+    report = run_python("py_gce_client.py", client_env(gce_server),
+                        [AUDIENCE, "--retarget-audience", SECOND_AUDIENCE])
+    assert report["blocked"] == [], "client tried to leave loopback"
+    email = served(gce_server, "instance/service-accounts/default/email")
+
+    # IDTokenCredentials(use_metadata_identity_endpoint=True) always asks format=full; the
+    # server caches a token per audience and format, so the client holds the one served.
+    credentials = value_of(report, "id_token_credentials")
+    assert credentials["service_account_email"] == email
+    assert credentials["token"] == \
+        served(gce_server, IDENTITY_PATH, {"audience": AUDIENCE, "format": "full"})
+    claims = assert_valid_id_token(gce_server, credentials["token"], AUDIENCE, email)
+    assert_full_format_claims(gce_server, claims)
+    assert "license_id" not in claims["google"]["compute_engine"]
+    # google-auth takes the expiry from the token's own exp claim.
+    assert credentials["expiry"] == claims["exp"]
+
+    retargeted = value_of(report, "id_token_credentials_retargeted")
+    assert retargeted["token"] == \
+        served(gce_server, IDENTITY_PATH, {"audience": SECOND_AUDIENCE, "format": "full"})
+    assert retargeted["token"] != credentials["token"]
+    retargeted_claims = assert_valid_id_token(gce_server, retargeted["token"],
+                                              SECOND_AUDIENCE, email)
+    assert_full_format_claims(gce_server, retargeted_claims)
+    assert retargeted["expiry"] == retargeted_claims["exp"]
+
+    # licenses=TRUE (through _metadata.get: the credentials class has no such option).
+    with_licenses = value_of(report, "id_token_with_licenses")
+    assert with_licenses == served(gce_server, IDENTITY_PATH,
+                                   {"audience": AUDIENCE, "format": "full", "licenses": "TRUE"})
+    license_claims = assert_valid_id_token(gce_server, with_licenses, AUDIENCE, email)
+    assert_full_format_claims(gce_server, license_claims)
+    served_licenses = json.loads(served(gce_server, "instance/licenses/", {"recursive": "true"}))
+    assert served_licenses, "the VM configs under test all carry licenses"
+    assert license_claims["google"]["compute_engine"]["license_id"] == \
+        [entry["id"] for entry in served_licenses]
+
+
+@VM_CONFIGS
+def test_python_metadata_helpers_and_universe_domain(gce_server, client_env):
+    report = run_python("py_gce_client.py", client_env(gce_server), [AUDIENCE])
+    assert report["blocked"] == [], "client tried to leave loopback"
+
+    assert value_of(report, "metadata_instance_recursive") == \
+        json.loads(served(gce_server, "instance/", {"recursive": "true"}))
+    assert value_of(report, "metadata_get_project_id") == \
+        served(gce_server, "project/project-id")
+    info = value_of(report, "metadata_service_account_info")
+    assert info == json.loads(
+        served(gce_server, "instance/service-accounts/default/", {"recursive": "true"}))
+    assert info["email"] == served(gce_server, "instance/service-accounts/default/email")
+    assert info["scopes"] == served_lines(gce_server, "instance/service-accounts/default/scopes")
+    assert value_of(report, "universe_domain") == served(gce_server, "universe/universe-domain")
+
+
+@pytest.mark.parametrize("flavor", ["gce", "cloudrun"])
+def test_python_credentials_with_scopes(mds_server_factory, client_env, flavor):
+    server = mds_server_factory(flavor=flavor)
+    scopes = [STORAGE_READ_SCOPE]
+    # Two scopes, in an order unlike the server's sorted cache key.
+    other_scopes = [USERINFO_EMAIL_SCOPE, STORAGE_READ_SCOPE]
+    report = run_python("py_gce_client.py", client_env(server),
+                        [AUDIENCE, "--scopes", ",".join(scopes),
+                         "--with-scopes", ",".join(other_scopes)])
+    assert report["blocked"] == [], "client tried to leave loopback"
+
+    scoped = value_of(report, "scoped_token")
+    assert scoped["scopes"] == scopes          # the user's scopes are kept, not the VM's
+    assert scoped["token"] == served_token(server, scopes)["access_token"]
+    with_scopes = value_of(report, "with_scopes_token")
+    assert with_scopes["scopes"] == other_scopes
+    assert with_scopes["token"] == served_token(server, other_scopes)["access_token"]
+    for token in (scoped, with_scopes):
+        assert token["service_account_email"] == \
+            served(server, "instance/service-accounts/default/email")
+        expected_expiry = time.time() + served_token(server)["expires_in"]
+        assert abs(token["expiry"] - expected_expiry) <= CLOCK_SLACK_SECONDS
+    if flavor == "cloudrun":
+        # Serverless mints a token per scope set, so these prove ?scopes= reached the
+        # server; a VM applies its own scopes whatever is asked (test_gce_variants).
+        unscoped = served_token(server)["access_token"]
+        assert scoped["token"] != unscoped
+        assert with_scopes["token"] != unscoped
+        assert scoped["token"] != with_scopes["token"]
+
+
+@pytest.mark.parametrize("gce_server", [two_account_document()], ids=["two-accounts"],
+                         indirect=True)
+def test_python_credentials_for_a_secondary_account(gce_server, client_env):
+    """gcloud's credentials for a non-default VM account:
+    compute_engine.Credentials(service_account_email=...)."""
+    account_path = "instance/service-accounts/%s/" % SECONDARY_EMAIL
+    assert served_lines(gce_server, "instance/service-accounts/") == \
+        sorted([served(gce_server, "instance/service-accounts/default/email") + "/",
+                "default/", SECONDARY_EMAIL + "/"])
+    report = run_python("py_gce_client.py", client_env(gce_server),
+                        [AUDIENCE, "--account", SECONDARY_EMAIL])
+    assert report["blocked"] == [], "client tried to leave loopback"
+
+    info = value_of(report, "account_info")
+    assert info == json.loads(served(gce_server, account_path, {"recursive": "true"}))
+    assert info["email"] == SECONDARY_EMAIL
+
+    credentials = value_of(report, "account_token")
+    assert credentials["service_account_email"] == SECONDARY_EMAIL
+    # Without scopes of its own the credentials adopt the account's.
+    assert credentials["scopes"] == served_lines(gce_server, account_path + "scopes") == \
+        SECONDARY_SCOPES
+    # google-auth (2.62) reads the account's info from its own path but always asks
+    # default/token for the token itself, with the account's scopes.
+    assert credentials["token"] == \
+        served_token(gce_server, credentials["scopes"])["access_token"]
+
+    # The account's own token, from its own token path.
+    secondary_token = served_token(gce_server, account=SECONDARY_EMAIL)["access_token"]
+    assert value_of(report, "account_direct_token") == secondary_token
+    assert secondary_token != served_token(gce_server)["access_token"]
+
+    # google-auth reads universe/universe-domain; gcloud does the same and sets it.
+    assert value_of(report, "universe_domain") == \
+        served(gce_server, "universe/universe-domain") == CUSTOM_UNIVERSE
+    # The storage client, built for googleapis.com, refuses credentials from another universe.
+    assert "universe domain found in the credentials (%s)" % CUSTOM_UNIVERSE in \
+        report["storage_client"].get("error", "")
 
 
 def test_client_env_shields_clients_from_outer_environment(gce_server, client_env, monkeypatch):
