@@ -175,6 +175,14 @@ def url_segments(path):
     return [segment for segment in path.strip("/").split("/") if segment]
 
 
+def _value_at(document, keys):
+    """The value at a key path in a document; KeyError (or IndexError) when absent."""
+    value = document
+    for key in keys:
+        value = value[_list_index(key, value)] if isinstance(value, list) else value[key]
+    return value
+
+
 def _list_index(key, items, allow_append=False):
     """A path segment as an index into `items` (an existing element, or the next one)."""
     index = int(key) if isinstance(key, int) or re.fullmatch(r"[0-9]+", str(key)) else -1
@@ -401,8 +409,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except (ConnectionError, socket.timeout, OSError) as exc:
             log.debug("client %s went away: %s", self.client_address[0], exc)
 
-    def parse_request(self):
+    def handle_one_request(self):
         self.log_target = "-"           # until this request's target is known
+        super().handle_one_request()
+
+    def parse_request(self):
         if not super().parse_request():
             return False
         if not re.fullmatch(r"HTTP/[0-9]+\.[0-9]+", self.request_version):
@@ -531,9 +542,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         log.debug("%s " + format, self.client_address[0], *args)
 
 
-# Room for the deepest document (MAX_DOCUMENT_DEPTH) on Pythons before 3.11, whose Python
-# calls use the C stack.
-HANDLER_STACK_SIZE = 512 * 1024
+# A quarter of Linux's usual 8 MiB, and room for Python's whole recursion limit on Pythons
+# before 3.11, whose Python calls use the C stack: a program thread that starts while a
+# handler does (the size is process-wide) is no worse off.
+HANDLER_STACK_SIZE = 2 * 1024 * 1024
 
 
 class _HTTPServer(http.server.ThreadingHTTPServer):
@@ -943,12 +955,19 @@ class GceFlavor:
         raw = raw or _user_container(path)
         node = Node(name, json_key, "dir")
         if path == ("instance", "serviceAccounts"):
+            primary = accounts.get("default")
             for url_name, account in accounts.items():
-                # default/ is the primary account under another name: the same fields, which
-                # its e-mail entry holds when it has one.
-                entry = value.get(account.email) if url_name == "default" else None
-                node.children[url_name] = self._account_node(
-                    url_name, account, entry or value.get(url_name) or {}, path)
+                # default/ is the primary account under another name: both serve the fields
+                # of every entry that describes the account (keyed "default", by its e-mail,
+                # or holding it as "email"), its e-mail entry's first.
+                entry = {}
+                for key, fields in value.items():
+                    if isinstance(fields, dict) and key != account.email and (
+                            fields.get("email") == account.email or
+                            key == "default" and account is primary):
+                        entry.update(fields)
+                entry.update(value.get(account.email) or {})
+                node.children[url_name] = self._account_node(url_name, account, entry, path)
             return node.finish()
         for key, child_value in value.items():
             key = str(key)
@@ -1282,10 +1301,11 @@ class GceFlavor:
             return Response(400, "Bad request: a guest attribute's namespace and key cannot "
                             "contain '/'\n", "text/html; charset=UTF-8")
         value = request.body.decode("utf-8", "replace")
-        refusal = self._guest_attribute_limits(namespace, key, value)
-        if refusal:
-            return Response(400, "Bad request: %s\n" % refusal, "text/html; charset=UTF-8")
-        self.server.update("instance/guest-attributes/%s/%s" % (namespace, key), value)
+        with self.server.store.changed:          # checked and stored as one step
+            refusal = self._guest_attribute_limits(namespace, key, value)
+            if refusal:
+                return Response(400, "Bad request: %s\n" % refusal, "text/html; charset=UTF-8")
+            self.server.update("instance/guest-attributes/%s/%s" % (namespace, key), value)
         return Response(200, b"", "application/text")
 
     def _guest_attribute_limits(self, namespace, key, value):
@@ -1302,7 +1322,8 @@ class GceFlavor:
             return "a guest attribute's value is limited to %d bytes" % GUEST_VALUE_LIMIT
         if len(entries) > GUEST_COUNT_LIMIT:
             return "at most %d guest attributes" % GUEST_COUNT_LIMIT
-        if sum(len(n) + len(k) + len(v) for (n, k), v in entries.items()) > GUEST_TOTAL_LIMIT:
+        if sum(len((n + k + v).encode("utf-8")) for (n, k), v in entries.items()) > \
+                GUEST_TOTAL_LIMIT:
             return "guest attributes are limited to %d bytes in all" % GUEST_TOTAL_LIMIT
         return None
 
@@ -2039,7 +2060,9 @@ class Ec2Flavor(object):
             if child is None:
                 continue
             if path == ("meta-data",) and key == "public-keys" and isinstance(child, dict):
-                node[key] = self._public_keys(child, tree)
+                keys = self._public_keys(child, tree)
+                if keys:                # an instance without a key has no public-keys/
+                    node[key] = keys
             elif child_path in _EC2_JSON_LEAVES and isinstance(child, (dict, list)):
                 node[key] = aws_json(child)
             elif isinstance(child, dict):
@@ -2948,8 +2971,9 @@ _SECRET_PATTERNS = (
 )
 
 
-# A URL up to its query; group 1 is the query or fragment (dropped when quoted).
-_URL_BEFORE_QUERY = re.compile(r"https?://([^\s?#]+)([?#]\S*)?")
+# A URL: group 1 its authority and path, group 2 its query or fragment (dropped when quoted).
+# Quotes and brackets end it, so a URL inside JSON does not swallow the text after it.
+_URL_BEFORE_QUERY = re.compile(r"https?://([^\s?#\"'<>,]+)([?#][^\s\"'<>]*)?")
 
 
 def _redact(text, limit=300, secrets=()):
@@ -2973,6 +2997,7 @@ def _redact(text, limit=300, secrets=()):
         scheme = match.group(0).partition("://")[0]
         authority, slash, path = match.group(1).partition("/")
         for pattern in _SECRET_PATTERNS[:-1]:
+            authority = pattern.sub("[redacted]", authority)
             path = pattern.sub("[redacted]", path)
         path = "/".join(_SECRET_PATTERNS[-1].sub("[redacted]", segment)
                         for segment in path.split("/"))
@@ -3519,7 +3544,7 @@ class ImpersonatedSource:
     def _load_source(google_auth, path):
         import google.auth.exceptions
 
-        if path and not os.path.isfile(path):
+        if path and not os.path.exists(path):
             # google-auth's message would quote the value, which may be the file's content.
             raise CredentialError("impersonation: cannot read source credentials file %s"
                                   % _file_name(path), status=500)
@@ -3584,6 +3609,8 @@ class ImpersonatedSource:
         view = self._source_view()
         view._universe_domain = getattr(self._source, "universe_domain", None) or \
             view.universe_domain
+        # Sent as x-goog-user-project with each IAM call, as the source itself would.
+        view._quota_project_id = getattr(self._source, "quota_project_id", None)
         return view
 
     def _source_token(self, deadline):
@@ -6225,15 +6252,33 @@ class MetadataServer:
     def delete(self, path):
         """Remove the value at a URL path; wakes waiters.  KeyError when nothing is there."""
         keys = self.flavor.document_keys(path)
-        try:
-            self.store.edit(keys, delete=True)
-        except KeyError:
-            # The flavor may serve a value the document does not hold (EC2's default
-            # instance); the null that hides it in a config file hides it here too.
-            if not getattr(self.flavor, "serves_default", lambda keys: False)(keys):
-                raise KeyError("nothing to delete at %s" % "/".join(url_segments(path))) \
-                    from None
-            self.store.edit(keys, None)
+        where = "/".join(url_segments(path))
+        serves_default = getattr(self.flavor, "serves_default", None)
+        with self.store.changed:
+            if serves_default is None:
+                try:
+                    self.store.edit(keys, delete=True)
+                except KeyError:
+                    raise KeyError("nothing to delete at %s" % where) from None
+                return
+            # EC2 lays the document over a default instance: a value it serves is hidden by
+            # the null that hides it in a config file (which must not then be deleted, as
+            # that would bring the value back).
+            previous = self.store.document
+            try:
+                held = _value_at(previous, keys)
+            except (KeyError, IndexError, TypeError, ConfigError):
+                held = None
+            if held is not None:
+                self.store.edit(keys, delete=True)
+            elif not serves_default(keys):
+                raise KeyError("nothing to delete at %s" % where)
+            if serves_default(keys):
+                self.store.edit(keys, None)
+                if serves_default(keys):
+                    self.store.replace(previous)
+                    raise KeyError("%s is derived from other values and cannot be deleted "
+                                   "on its own" % where)
 
     def reload(self):
         """Re-read the config file; a bad file is logged and the last good tree keeps serving."""

@@ -136,6 +136,7 @@ class FakeGoogle:
         self.calls = Counter()
         self.last_assertion = None  # (header, claims) of the last accepted JWT-bearer grant
         self.last_request = {}  # endpoint -> decoded request body (for tests)
+        self.last_headers = {}   # endpoint -> the headers of its latest request
         self.delay = 0.0
         self._failures = []  # list of [endpoint or None, remaining, mode]
         self._lock = threading.Lock()
@@ -558,6 +559,7 @@ class _FakeGoogleHandler(http.server.BaseHTTPRequestHandler):
                 with google._lock:
                     google.calls[endpoint] += 1
                     google.last_request[endpoint] = dict(body, _email=email)
+                    google.last_headers[endpoint] = {k.lower(): v for k, v in self.headers.items()}
                 if self._injected_failure([endpoint]):
                     return None
                 answer = google.iam_endpoint(email, endpoint.split(":", 1)[1], body,

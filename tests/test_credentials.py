@@ -252,6 +252,12 @@ def test_redaction_keeps_endpoint_names_but_not_secrets_in_them():
     assert iam in text and "boom" in text
     assert "ya29" not in text and "hunter2" not in text and "Q" * 40 not in text
     assert "eyJ" not in mds._redact("https://host/p/eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiIxIn0.c2ln")
+    # A URL ends at a quote or comma: what follows it in JSON is not part of its host.
+    quoted = mds._redact('{"aud":"https://sts.googleapis.com","token":"ya29.a0AfH6secret"}')
+    assert "https://sts.googleapis.com" in quoted and "a0AfH6secret" not in quoted
+    assert "secret9" not in mds._redact("https://iam.googleapis.com,token=ya29.secret9")
+    # The query is dropped whole, however short its values.
+    assert "S3cr" not in mds._redact("see https://h.example/v1/x?sig=S3cr&x=1 done")
 
 
 def test_key_file_transient_errors_are_retried(fake, key_file, caplog):
@@ -624,6 +630,35 @@ def test_key_material_given_as_a_file_name_is_not_quoted(fake, tmp_path):
             attempt()
         assert "looks like a file's content" in str(caught.value)
         assert body not in str(caught.value) and "private_key" not in str(caught.value)
+
+
+def test_impersonation_sends_the_source_credentials_quota_project(fake, user_credentials):
+    source = mds.ImpersonatedSource(fake.add_service_account().email,
+                                    source_credentials=user_credentials.with_quota_project(
+                                        "billing-project-7"),
+                                    iam_endpoint_override=fake.url, retry_delays=FAST_RETRIES)
+    source.access_token((CLOUD_PLATFORM,))
+    assert fake.last_headers["iam:generateAccessToken"].get("x-goog-user-project") == \
+        "billing-project-7"
+
+
+def test_source_credentials_may_come_through_a_pipe(fake, user_credentials, tmp_path):
+    # `--impersonate-source-file <(vault read ...)`: a FIFO, not a regular file.
+    adc = fake.write_authorized_user_file(tmp_path)
+    fifo = str(tmp_path / "adc.fifo")
+    os.mkfifo(fifo)
+
+    def feed():
+        with open(adc) as source, open(fifo, "w") as pipe:
+            pipe.write(source.read())
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    source = mds.ImpersonatedSource(fake.add_service_account().email,
+                                    source_credentials_file=fifo,
+                                    iam_endpoint_override=fake.url)
+    writer.join(5)
+    assert source.describe().startswith("impersonating ")
 
 
 def test_missing_google_extra_is_a_clear_error(monkeypatch):

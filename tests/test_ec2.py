@@ -999,9 +999,28 @@ def test_delete_of_a_default_value_hides_it_and_of_nothing_names_the_path(ec2):
     server.delete("meta-data/placement/availability-zone-id")
     assert get(server, "/latest/meta-data/placement/availability-zone-id")[0] == 404
     for path in ("meta-data/no-such-key", "meta-data/instance-id/below-a-leaf",
-                 "dynamic/fws", "mds/ec2/role"):
+                 "dynamic/fws", "mds/ec2/role",
+                 "meta-data/local-ipv4"):          # hidden already: a second delete
         with pytest.raises(KeyError, match="nothing to delete at " + path):
             server.delete(path)
+    assert get(server, "/latest/meta-data/local-ipv4")[0] == 404
+
+
+def test_delete_of_a_value_derived_from_others_is_refused_and_changes_nothing(ec2):
+    server = ec2(config={"ec2": {"meta-data": {
+        "local-ipv4": "10.1.2.3", "public-keys": {"my-key": "ssh-ed25519 AAAA me"}}}})
+    zone = text(server, "/latest/meta-data/placement/availability-zone")
+    for path in ("meta-data/placement/availability-zone", "meta-data/public-keys/0"):
+        with pytest.raises(KeyError, match="derived from other values"):
+            server.delete(path)
+    assert text(server, "/latest/meta-data/placement/availability-zone") == zone
+    assert text(server, "/latest/meta-data/public-keys/") == "0=my-key"
+    # A value the config sets is deleted, and the default it was laid over stays hidden.
+    server.delete("meta-data/local-ipv4")
+    assert get(server, "/latest/meta-data/local-ipv4")[0] == 404
+    server.delete("meta-data/public-keys/my-key")
+    assert get(server, "/latest/meta-data/public-keys/")[0] == 404
+    assert "public-keys/" not in text(server, "/latest/meta-data/").split("\n")
 
 
 def test_a_client_network_with_an_ipv6_zone_is_read(ec2):

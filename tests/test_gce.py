@@ -958,6 +958,26 @@ def test_guest_attributes_are_bounded_in_size_and_count(server):
     assert fetch(server, base + "ns/k0", method="PUT", body=b"small").status == 200
 
 
+def test_guest_attribute_limits_hold_against_concurrent_puts(server):
+    base = V1 + "instance/guest-attributes/"
+    value = b"v" * (mds.GUEST_TOTAL_LIMIT // 4 - 16)          # four fit, not five
+    statuses = []
+
+    def put(number):
+        statuses.append(fetch(server, base + "ns/k%d" % number, method="PUT",
+                              body=value).status)
+
+    threads = [threading.Thread(target=put, args=(n,)) for n in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(statuses) == [200] * 4 + [400] * 8, statuses
+    # Counted in bytes: 30 characters would still fit in the 44-48 bytes left; 60 bytes not.
+    wide = ("\u00e9" * 30).encode("utf-8")
+    assert fetch(server, base + "ns/wide", method="PUT", body=wide).status == 400
+
+
 def test_guest_attributes_are_bounded_in_count(server):
     base = V1 + "instance/guest-attributes/"
     statuses = collections.Counter(

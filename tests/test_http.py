@@ -395,6 +395,15 @@ def test_the_debug_log_shows_no_userinfo_of_a_proxy_form_target(cli_server):
     log = server.stderr()
     assert "GET /computeMetadata/v1/project/project-id -> 200" in log, log
     assert "pa55w0rd" not in log
+    # A request the stdlib refuses on the same connection is not logged with the last one's
+    # target.
+    answer = raw_exchange(server.port, b"GET /computeMetadata/v1/project/numeric-project-id "
+                          b"HTTP/1.1\r\nHost: x\r\nMetadata-Flavor: Google\r\n\r\n"
+                          b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert b" 414 " in answer, answer[:300]
+    time.sleep(0.2)
+    log = server.stderr()
+    assert "- -> 414" in log and "numeric-project-id -> 414" not in log, log
 
 
 def test_raw_utf8_in_a_path_means_what_its_percent_encoding_means(mds_server_factory):

@@ -299,6 +299,20 @@ def test_default_serves_the_custom_fields_of_a_primary_keyed_by_email(mds_server
     assert status(started, "instance/service-accounts/default/labels") == 301
 
 
+@pytest.mark.parametrize("key", ["default", "primary"])
+def test_default_and_the_email_serve_the_same_fields_whatever_the_entry_is_keyed(
+        mds_server_factory, key):
+    document = copy.deepcopy(DOCUMENT)
+    document["computeMetadata"]["v1"]["instance"]["serviceAccounts"] = {
+        key: {"email": EMAIL, "aliases": ["default"], "scopes": ["s"], "myField": "1"}}
+    started = mds_server_factory(config=document)
+    for name in ("default", EMAIL):
+        assert text(started, "instance/service-accounts/%s/my-field" % name) == "1"
+    started.update("instance/service-accounts/default/other", "2")
+    for name in ("default", EMAIL):
+        assert text(started, "instance/service-accounts/%s/other" % name) == "2"
+
+
 # ---- config file reload ---------------------------------------------------------------------
 
 
