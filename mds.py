@@ -1225,8 +1225,10 @@ class GceFlavor:
         else:
             scopes = account.scopes
         try:
-            token = self.server.tokens.get(("access", source, account.email, scopes),
-                                           lambda: source.access_token(scopes))
+            # Scopes and audiences are the client's to choose: one too large is not kept.
+            token = self.server.tokens.get(
+                ("access", source, account.email, scopes), lambda: source.access_token(scopes),
+                cache=sum(map(len, scopes)) <= TokenCache.MAX_KEY_CHARS)
         except CredentialError as exc:
             return self.credential_failure(exc, account)
         payload = {"access_token": token.value,
@@ -1254,7 +1256,8 @@ class GceFlavor:
             # must not keep serving tokens that say otherwise.
             token = self.server.tokens.get(
                 ("identity", source, account.email, audience, fmt, canonical_json(claims)),
-                lambda: source.id_token(audience, fmt, claims))
+                lambda: source.id_token(audience, fmt, claims),
+                cache=len(audience) <= TokenCache.MAX_KEY_CHARS)
         except CredentialError as exc:
             return self.credential_failure(exc, account)
         body = token.value.encode()
@@ -2640,7 +2643,7 @@ class TokenCache:
     """
 
     MAX_ENTRIES = 1000      # tokens, and failures; real clients use a handful of keys
-    MAX_KEY_CHARS = 4096    # a key this long (an audience, a scope list) is minted, not kept
+    MAX_KEY_CHARS = 4096    # an audience or scope list this long is minted, not kept
 
     def __init__(self, margin=300, refresh_ahead=600, clock=time.time):
         self.margin = margin
@@ -2676,15 +2679,16 @@ class TokenCache:
         ahead = margin + min(self.refresh_ahead - self.margin, lifetime / 4)
         return (token, token.expiry - margin, token.expiry - ahead)
 
-    def get(self, key, mint):
+    def get(self, key, mint, cache=True):
+        """The token for `key`, minted by `mint()` when there is none to hand out; with
+        `cache` false (a client-chosen key too large to keep), minted every time."""
         entry = self._tokens.get(key)
         now = self.clock()
         if entry is not None and now <= entry[1]:
             if now > entry[2] and key not in self._staged and self._may_try(key, now):
                 self._refresh_in_background(key, mint)
             return entry[0]
-        if _key_chars(key) > self.MAX_KEY_CHARS:
-            # Client-chosen keys this large would fill memory by the thousand.
+        if not cache:
             return _mint_checked(mint)
         lock = self._acquire(key)
         try:
@@ -2785,17 +2789,6 @@ class TokenCache:
                     self._refreshing.discard(key)
 
         threading.Thread(target=refresh, name="mds-refresh", daemon=True).start()
-
-
-def _key_chars(key):
-    """How many characters a token-cache key holds: its strings, and those in its tuples."""
-    total = 0
-    for part in key:
-        if isinstance(part, str):
-            total += len(part)
-        elif isinstance(part, tuple):
-            total += sum(len(item) for item in part if isinstance(item, str))
-    return total
 
 
 def _mint_checked(mint):
@@ -2985,8 +2978,11 @@ def _redact(text, limit=300, secrets=()):
     text = str(text).replace("\x00", "")
     for secret in secrets:
         if isinstance(secret, str) and len(secret) >= 6:
-            for form in {secret, urllib.parse.quote(secret, safe=""),
-                         urllib.parse.quote_plus(secret), urllib.parse.quote(secret)}:
+            forms = {secret, urllib.parse.quote(secret, safe=""),
+                     urllib.parse.quote_plus(secret), urllib.parse.quote(secret),
+                     json.dumps(secret)[1:-1]}
+            forms |= {re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), f) for f in forms}
+            for form in sorted(forms, key=len, reverse=True):
                 text = text.replace(form, "[redacted]")
     urls = []
 
@@ -3713,8 +3709,10 @@ class FederatedSource:
         the headers sent to a URL source, the subject token in a file source."""
         source = self._info.get("credential_source") or {}
         found = [self._info.get("client_secret")]
-        found += list((source.get("headers") or {}).values())
-        if source.get("file"):
+        found += [value for name, value in (source.get("headers") or {}).items()
+                  if re.search(r"auth|token|key|secret|cookie", str(name), re.I)]
+        # A regular file only: reading a FIFO would take the token google-auth is to read.
+        if source.get("file") and os.path.isfile(source["file"]):
             try:
                 with open(source["file"], "r", encoding="utf-8") as handle:
                     content = handle.read(65536).strip()

@@ -256,6 +256,12 @@ def test_redaction_keeps_endpoint_names_but_not_secrets_in_them():
     quoted = mds._redact('{"aud":"https://sts.googleapis.com","token":"ya29.a0AfH6secret"}')
     assert "https://sts.googleapis.com" in quoted and "a0AfH6secret" not in quoted
     assert "secret9" not in mds._redact("https://iam.googleapis.com,token=ya29.secret9")
+    # A known secret is masked however it was encoded: percent-escapes in either case,
+    # JSON string escapes.
+    secret = "se+cr/et=\u00e9\"99"
+    for form in (urllib.parse.quote(secret, safe=""), urllib.parse.quote(secret, safe="").lower(),
+                 json.dumps(secret)[1:-1], secret):
+        assert mds._redact("echo: %s." % form, secrets=[secret]) == "echo: [redacted].", form
     # The query is dropped whole, however short its values.
     assert "S3cr" not in mds._redact("see https://h.example/v1/x?sig=S3cr&x=1 done")
 

@@ -1399,11 +1399,21 @@ def test_the_cache_is_bounded_in_entries_failures_and_key_size():
     assert not [f for f in cache._failures.values()
                 if any(isinstance(part, BaseException) for part in f)]
 
-    # A client-chosen key too large to keep is minted for each request.
-    huge = ("identity", "https://aud.example/" + "x" * cache.MAX_KEY_CHARS, "full")
+    # A key the caller says not to keep is minted for each request.
     before = mint.calls
-    assert cache.get(huge, mint).value != cache.get(huge, mint).value
-    assert mint.calls == before + 2 and huge not in cache._tokens
+    assert cache.get("huge", mint, cache=False).value != \
+        cache.get("huge", mint, cache=False).value
+    assert mint.calls == before + 2 and "huge" not in cache._tokens
+
+
+def test_an_audience_or_scope_list_too_large_to_keep_is_minted_each_time(server):
+    account = V1 + "instance/service-accounts/default/"
+    huge = "https://aud.example/" + "x" * mds.TokenCache.MAX_KEY_CHARS
+    for _ in range(2):
+        assert get(server, account + "identity?audience=" + huge).body.count(b".") == 2
+    assert get(server, account + "identity?audience=https://small.example").status == 200
+    kept = [key for key in server.tokens._tokens if key[0] == "identity"]
+    assert [key[3] for key in kept] == ["https://small.example"], kept
 
 
 def test_an_unexpected_mint_failure_is_a_500_that_backs_off():
