@@ -20,6 +20,7 @@ import time
 
 import pytest
 
+import mds
 from clients import MdsCli
 
 V1 = "/computeMetadata/v1/"
@@ -349,6 +350,30 @@ def test_the_absolute_form_of_a_request_target_is_accepted(gce_server, target):
                           b"Metadata-Flavor: Google\r\nConnection: close\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
     assert answer.endswith(b"\r\n\r\n" + fetch(gce_server.port, V1 + "project/project-id")[1])
+
+
+def test_idle_connections_are_closed_but_hanging_gets_are_not(mds_server_factory,
+                                                              monkeypatch):
+    # The idle timeout (a minute in use) is shortened to see it act: an idle keep-alive
+    # connection is closed by the server, while a wait_for_change outlasts it.
+    monkeypatch.setattr(mds._Handler, "timeout", 0.5)
+    server = mds_server_factory()
+    idle = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    waiter = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        path = "/computeMetadata/v1/project/project-id"
+        waiter.request("GET", path, headers=GOOGLE)
+        first = waiter.getresponse()
+        etag, value = first.getheader("ETag"), first.read()
+        waiter.request("GET", path + "?wait_for_change=true&timeout_sec=2&last_etag=" + etag,
+                       headers=GOOGLE)
+        assert idle.recv(1) == b""                      # closed by the server, unasked
+        reply = waiter.getresponse()
+        assert reply.status == 200 and reply.getheader("ETag") == etag
+        assert reply.read() == value
+    finally:
+        idle.close()
+        waiter.close()
 
 
 def test_running_out_of_file_descriptors_is_reported_and_survived(tmp_path):
