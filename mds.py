@@ -36,6 +36,7 @@ import errno
 import hashlib
 import hmac
 import http.client
+import io
 import http.server
 import ipaddress
 import json
@@ -393,6 +394,43 @@ class Response:
 _REASONS = types.MappingProxyType({s.value: s.phrase for s in http.HTTPStatus})
 
 
+class _DeadlineReader(io.RawIOBase):
+    """A connection's reading side that waits for no byte past `deadline` (a monotonic time,
+    or None), however slowly the bytes trickle in: the socket's timeout bounds each wait for
+    a byte, not a whole request."""
+
+    def __init__(self, raw, sock, timeout):
+        super().__init__()
+        self.raw, self.sock, self.timeout, self.deadline = raw, sock, timeout, None
+        self.waits = timeout            # the socket's timeout now
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if self.deadline is not None:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("the request did not arrive in time")
+            # Shortened only once it matters (to the second): a request that arrives at
+            # once costs no system call.
+            if remaining < self.waits - 1.0:
+                self.waits = remaining
+                self.sock.settimeout(remaining)
+        return self.raw.readinto(buffer)
+
+    def arrived(self):
+        """The request is in: no deadline, and the socket's own timeout again (for writes)."""
+        self.deadline = None
+        if self.waits != self.timeout:
+            self.waits = self.timeout
+            self.sock.settimeout(self.timeout)
+
+    def close(self):
+        self.raw.close()
+        super().close()
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     """Turns socket traffic into `Request`s for the server's flavor and writes `Response`s."""
 
@@ -409,14 +447,25 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except (ConnectionError, socket.timeout, OSError) as exc:
             log.debug("client %s went away: %s", self.client_address[0], exc)
 
+    def setup(self):
+        super().setup()
+        # Each request, body included, must arrive within `timeout` of the last answer: a
+        # client trickling a byte at a time would otherwise hold its thread for ever.
+        self.rfile.close()
+        self._reader = _DeadlineReader(self.connection.makefile("rb", buffering=0),
+                                       self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self._reader)
+
     def handle_one_request(self):
         self.log_target = "-"           # until this request's target is known
+        self._reader.deadline = time.monotonic() + self.timeout
         super().handle_one_request()
 
     def parse_request(self):
         if not super().parse_request():
             return False
-        if not re.fullmatch(r"HTTP/[0-9]+\.[0-9]+", self.request_version):
+        if sys.version_info < (3, 11) and \
+                not re.fullmatch(r"HTTP/[0-9]+\.[0-9]+", self.request_version):
             # Python 3.11 refuses "HTTP/1.+1" itself; older ones read it as 1.1.
             self.send_error(400, "Bad request version (%r)" % self.request_version)
             return False
@@ -444,6 +493,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                  "text/plain; charset=utf-8"), mds)
             return
         body = self._read_body()
+        self._reader.arrived()
         if isinstance(body, Response):
             self._write(body, mds)
             return
@@ -605,7 +655,8 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
     def request_finished(self):
         with self._connections_guard:
             self._answering -= 1
-            self._answered.notify_all()
+            if self.mds.stopping:               # only stop() waits on this
+                self._answered.notify_all()
 
     def wait_answered(self, timeout):
         """Wait until no request is being answered (or `timeout` passes): at stop, woken

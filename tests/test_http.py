@@ -11,6 +11,7 @@ import gc
 import http.client
 import os
 import re
+import select
 import selectors
 import socket
 import struct
@@ -374,6 +375,41 @@ def test_idle_connections_are_closed_but_hanging_gets_are_not(mds_server_factory
     finally:
         idle.close()
         waiter.close()
+
+
+def test_a_request_trickling_in_is_cut_off_at_the_timeout(mds_server_factory, monkeypatch):
+    # One byte every 0.2 s: each wait for a byte is short, but the request as a whole must
+    # arrive within the timeout (a minute in use, shortened here).
+    monkeypatch.setattr(mds._Handler, "timeout", 1.0)
+    server = mds_server_factory()
+    request = b"GET /computeMetadata/v1/project/project-id HTTP/1.1\r\nHost: x\r\n"
+    trickler = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    started = time.monotonic()
+    try:
+        closed = False
+        for byte in request:
+            try:
+                trickler.sendall(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.2)
+            readable, _, _ = select.select([trickler], [], [], 0)
+            if readable:
+                closed = True
+                break
+        assert closed, "the server kept a trickling request for %.1f s" % (
+            time.monotonic() - started)
+        # Whatever it sent (a 408 or nothing), the server then closed the connection.
+        try:
+            while trickler.recv(4096):
+                pass
+        except ConnectionResetError:
+            pass
+    finally:
+        trickler.close()
+    # A request sent at once is served as usual.
+    assert fetch(server.port, "/computeMetadata/v1/project/project-id")[0] == 200
 
 
 def test_running_out_of_file_descriptors_is_reported_and_survived(tmp_path):
