@@ -337,9 +337,10 @@ class Request:
     """One HTTP request as a flavor sees it."""
 
     __slots__ = ("method", "path", "raw_query", "query", "headers", "client_ip", "host", "body",
-                 "_socket")
+                 "_socket", "_pending")
 
-    def __init__(self, method, path, raw_query, headers, client_ip, host, body=b"", sock=None):
+    def __init__(self, method, path, raw_query, headers, client_ip, host, body=b"", sock=None,
+                 pending=None):
         self.method = method
         self.path = path
         self.raw_query = raw_query
@@ -352,9 +353,11 @@ class Request:
         self.host = host
         self.body = body
         self._socket = sock
+        self._pending = pending         # -> whether requests the client sent wait unread
 
     def client_gone(self):
-        """True once the client has closed its side (so a hanging GET can give up)."""
+        """True once the client has closed its side (so a hanging GET can give up), unless
+        it sent more requests first: those still want their answers."""
         sock = self._socket
         if sock is None:
             return False
@@ -366,7 +369,9 @@ class Request:
                     return False
             elif not select.select([sock], [], [], 0)[0]:
                 return False
-            return sock.recv(1, socket.MSG_PEEK) == b""
+            if sock.recv(1, socket.MSG_PEEK) != b"":
+                return False
+            return self._pending is None or not self._pending()
         except (BlockingIOError, ValueError):
             return False
         except OSError:
@@ -494,6 +499,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         body = self._read_body()
         self._reader.arrived()
+        if body is None:
+            self.close_connection = True
+            return
         if isinstance(body, Response):
             self._write(body, mds)
             return
@@ -503,7 +511,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             # that every flavor sees one spelling and headers built from the path stay ASCII.
             path = urllib.parse.quote(path.encode("latin-1"), safe="/%:@!$&'()*+,;=-._~")
         request = Request(self.command, path, raw_query, self.headers, self.client_address[0],
-                          self.headers.get("Host") or mds.authority, body, self.connection)
+                          self.headers.get("Host") or mds.authority, body, self.connection,
+                          # Only asked once the socket is at its end: peek() cannot block.
+                          lambda: bool(self.rfile.peek(1)))
         try:
             response = mds.flavor.respond(request)
         except ClientGone:
@@ -530,8 +540,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     MAX_BODY = 1 << 20      # guest attributes are small; nothing a client sends is larger
 
     def _read_body(self):
-        """The request body, or the Response refusing it.  A refused body is left unread, so
-        the connection closes: its bytes must not be taken for the next request."""
+        """The request body, the Response refusing it, or None when the client closed before
+        sending all of it.  A refused body is left unread, so the connection closes: its
+        bytes must not be taken for the next request."""
         refusal = None
         length = (self.headers.get("Content-Length") or "").strip()
         if self.headers.get("Transfer-Encoding", "identity").strip().lower() != "identity":
@@ -541,7 +552,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         elif length and (len(length) > 9 or int(length) > self.MAX_BODY):
             refusal = (413, "request bodies are limited to %d bytes" % self.MAX_BODY)
         if refusal is None:
-            return self.rfile.read(int(length)) if length else b""
+            body = self.rfile.read(int(length)) if length else b""
+            if len(body) < (int(length) if length else 0):
+                return None             # the client stopped short: nothing to answer
+            return body
         self.close_connection = True
         return Response(refusal[0], "%s\n" % refusal[1], "text/plain; charset=utf-8")
 
@@ -6215,6 +6229,12 @@ class MetadataServer:
     def start(self):
         if self._httpd is not None:       # `with MetadataServer(...).start() as server:`
             return self
+        if sys.version_info < (3, 10):
+            # A thread's first exit makes glibc load libgcc_s, which takes a file descriptor:
+            # out of them, the process would abort at its first finished request.
+            warm_up = threading.Thread(target=lambda: None)
+            warm_up.start()
+            warm_up.join()
         family_server = _HTTPServer6 if ":" in self.host else _HTTPServer
         self._httpd = family_server((self.host, self.requested_port), self)
         self._spawn(self._httpd.serve_forever, "mds-http", 0.05)

@@ -858,6 +858,34 @@ def test_a_waiter_that_shut_down_its_sending_side_gets_no_false_change(server):
         connection.close()
 
 
+def test_requests_sent_behind_a_waiter_before_a_half_close_are_still_answered(server):
+    path = V1 + "instance/attributes/alpha"
+    reply = get(server, path)
+    etag, value = reply.header("ETag"), reply.body
+    connection = socket.create_connection(("127.0.0.1", server.port), timeout=20)
+    try:
+        connection.sendall((
+            "GET %s?wait_for_change=true&timeout_sec=1&last_etag=%s HTTP/1.1\r\nHost: x\r\n"
+            "Metadata-Flavor: Google\r\n\r\n"
+            "GET %s HTTP/1.1\r\nHost: x\r\nMetadata-Flavor: Google\r\n"
+            "Connection: close\r\n\r\n" % (path, etag, V1 + "project/project-id")).encode())
+        connection.shutdown(socket.SHUT_WR)
+        time.sleep(0.3)
+        server.update("instance/attributes/other", "wakes every waiter")
+        answer = b""
+        while True:
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    finally:
+        connection.close()
+    # Both answered, in order: the waiter when its timeout ran out (its value unchanged).
+    assert answer.count(b"HTTP/1.1 200 OK") == 2, answer
+    assert answer.split(b"HTTP/1.1 200 OK")[1].endswith(b"\r\n\r\n" + value)
+    assert answer.endswith(b"\r\n\r\n" + get(server, V1 + "project/project-id").body)
+
+
 def test_waiters_are_told_the_server_is_stopping_not_that_the_value_changed(
         mds_server_factory):
     server = mds_server_factory(config=copy.deepcopy(DOCUMENT))
@@ -939,6 +967,19 @@ def test_a_guest_attribute_is_a_namespace_and_a_key(server, rest):
     assert reply.status == 400, reply
     after = fetch(server, listing)
     assert (after.status, after.body) == (before.status, before.body)
+
+
+def test_a_body_cut_short_is_not_stored(server):
+    path = V1 + "instance/guest-attributes/ns/cut"
+    connection = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    try:
+        connection.sendall(("PUT %s HTTP/1.1\r\nHost: x\r\nMetadata-Flavor: Google\r\n"
+                            "Content-Length: 100\r\n\r\nabc" % path).encode())
+        connection.shutdown(socket.SHUT_WR)        # a client killed mid-upload
+        assert connection.recv(1024) == b""
+    finally:
+        connection.close()
+    assert fetch(server, path).status == 404
 
 
 def test_guest_attributes_are_bounded_in_size_and_count(server):
