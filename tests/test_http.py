@@ -314,6 +314,14 @@ def test_expect_100_continue_is_answered_before_the_body_is_sent(gce_server):
     assert fetch(gce_server.port, V1 + "instance/guest-attributes/ns/expect")[1] == b"value"
 
 
+def test_a_body_too_large_is_refused_before_the_client_is_invited_to_send_it(gce_server):
+    answer = raw_exchange(gce_server.port, b"PUT " + V1.encode() + b"instance/guest-attributes/"
+                          b"ns/big HTTP/1.1\r\nHost: x\r\nMetadata-Flavor: Google\r\n"
+                          b"Expect: 100-continue\r\nContent-Length: 99999999\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert b"HTTP/1.1 100" not in answer and b"Connection: close" in answer
+
+
 @pytest.mark.parametrize("flavor, allow", [("gce", b"Allow: GET"), ("ec2", b"Allow: GET, HEAD")])
 def test_unknown_methods_get_the_flavors_405(mds_server_factory, flavor, allow):
     server = mds_server_factory(flavor=flavor)
