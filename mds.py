@@ -36,8 +36,8 @@ import errno
 import hashlib
 import hmac
 import http.client
-import io
 import http.server
+import io
 import ipaddress
 import json
 import logging
@@ -1821,8 +1821,8 @@ class Ec2Flavor(object):
         return ["ec2"] + segments
 
     def serves_default(self, keys):
-        """Whether document keys name a meta-data value of the default instance that the
-        document does not hold, which a null then hides."""
+        """Whether document keys name a meta-data value now served, whether the document or
+        the default instance it is laid over set it (a null in the document hides it)."""
         node = self.server.store.tree.meta
         if keys[:2] != ["ec2", "meta-data"] or len(keys) < 3:
             return False
