@@ -539,8 +539,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     MAX_BODY = 1 << 20      # guest attributes are small; nothing a client sends is larger
 
-    def _body_refusal(self):
-        """The Response refusing the announced body (chunked, bad or too large), or None."""
+    def _announced_body(self):
+        """The length of the body the headers announce, or the Response refusing it
+        (chunked, a bad length, too large)."""
         refusal = None
         length = (self.headers.get("Content-Length") or "").strip()
         if self.headers.get("Transfer-Encoding", "identity").strip().lower() != "identity":
@@ -550,7 +551,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         elif length and (len(length) > 9 or int(length) > self.MAX_BODY):
             refusal = (413, "request bodies are limited to %d bytes" % self.MAX_BODY)
         if refusal is None:
-            return None
+            return int(length) if length else 0
         self.close_connection = True
         return Response(refusal[0], "%s\n" % refusal[1], "text/plain; charset=utf-8")
 
@@ -558,17 +559,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         """The request body, the Response refusing it, or None when the client closed before
         sending all of it.  A refused body is left unread, so the connection closes: its
         bytes must not be taken for the next request."""
-        refusal = self._body_refusal()
-        if refusal is not None:
-            return refusal
-        length = int((self.headers.get("Content-Length") or "0").strip() or 0)
+        length = self._announced_body()
+        if isinstance(length, Response):
+            return length
         body = self.rfile.read(length) if length else b""
         return body if len(body) == length else None   # short: the client stopped
 
     def handle_expect_100(self):
         # A body that would be refused is refused now, not invited with a 100 first.
-        refusal = self._body_refusal()
-        if refusal is not None:
+        refusal = self._announced_body()
+        if isinstance(refusal, Response):
             self._write(refusal, self.server.mds)
             return False
         # The interim answer must leave now: with wbufsize=-1 it would wait for the final one,
