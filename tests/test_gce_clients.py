@@ -18,7 +18,8 @@ import urllib.request
 import pytest
 
 import mds
-from clients import MdsCli, go_binary, run_go, run_node, run_python, start_go
+from clients import (DEBIAN_GOPATH, MdsCli, go_binary, require_path, run_go, run_node,
+                     run_python, start_go)
 
 AUDIENCE = "https://mds-test.example/endpoint?x=1"
 SECOND_AUDIENCE = "https://mds-test.example/second"
@@ -256,6 +257,100 @@ def test_go_compute_metadata_helpers(gce_server, client_env):
     assert report["missing_is_not_defined"] is True
 
 
+# The helpers of cloud.google.com/go/compute/metadata that strings.TrimSpace the
+# body of these paths; the Go program also reports each body untrimmed.
+GO_TRIMMED_HELPERS = {
+    "project_id": "project/project-id",
+    "numeric_project_id": "project/numeric-project-id",
+    "instance_id": "instance/id",
+    "instance_name": "instance/name",
+    "hostname": "instance/hostname",
+    "internal_ip": "instance/network-interfaces/0/ip",
+    "external_ip": "instance/network-interfaces/0/access-configs/0/external-ip",
+    "email": "instance/service-accounts/default/email",
+}
+# Attribute values the Go test writes, each one a client might mangle.
+GO_INSTANCE_ATTRIBUTES = {
+    "mds-go-trailing-space": "kept as is \n\n",
+    "mds-go-leading-space": "  \tleading",
+    "mds-go-empty": "",
+    "mds-go-unicode": "gr\u00fc\u00dfe \u2713",
+}
+GO_PROJECT_ATTRIBUTES = {"mds-go-project-trailing": "project value\n"}
+GO_MISSING_ATTRIBUTE = "mds-go-never-defined"
+
+
+@pytest.mark.parametrize(
+    "gce_server", [None, custom_vm_document(), two_account_document()],
+    ids=["default-vm", "custom-vm", "two-accounts"], indirect=True)
+def test_go_attribute_values_accounts_and_trimming(gce_server, client_env):
+    for name, value in GO_INSTANCE_ATTRIBUTES.items():
+        gce_server.update("instance/attributes/" + name, value)
+    for name, value in GO_PROJECT_ATTRIBUTES.items():
+        gce_server.update("project/attributes/" + name, value)
+    instance_names = served_lines(gce_server, "instance/attributes/")
+    project_names = served_lines(gce_server, "project/attributes/")
+    assert set(GO_INSTANCE_ATTRIBUTES) <= set(instance_names)
+    for prefix in ("instance/attributes/", "project/attributes/"):
+        status, _, _ = fetch(gce_server, "/computeMetadata/v1/" + prefix + GO_MISSING_ATTRIBUTE)
+        assert status == 404
+    # Every account the server lists (its default e-mail, "default", any other), and ""
+    # for the library's own default.
+    accounts = [line.rstrip("/") for line in served_lines(gce_server, "instance/service-accounts/")]
+    args = ["info"]
+    for name in instance_names + [GO_MISSING_ATTRIBUTE]:
+        args += ["-instance-attr", name]
+    for name in project_names + [GO_MISSING_ATTRIBUTE]:
+        args += ["-project-attr", name]
+    for name in accounts + [""]:
+        args += ["-account", name]
+    report = run_go("gcemeta", client_env(gce_server), args)
+
+    assert value_of(report, "instance_attributes") == instance_names
+    assert value_of(report, "project_attributes") == project_names
+    # InstanceAttributeValue / ProjectAttributeValue hand back the body untouched: no
+    # trimming, an empty value is a value, not an error.
+    instance_values = report["instance_attribute_values"]
+    for name in instance_names:
+        assert instance_values[name] == {"value": served(gce_server, "instance/attributes/" + name)}
+    for name, value in GO_INSTANCE_ATTRIBUTES.items():
+        assert instance_values[name] == {"value": value}
+    project_values = report["project_attribute_values"]
+    for name in project_names:
+        assert project_values[name] == {"value": served(gce_server, "project/attributes/" + name)}
+    for name, value in GO_PROJECT_ATTRIBUTES.items():
+        assert project_values[name] == {"value": value}
+    # The server's 404 is the library's NotDefinedError, naming the path it asked for.
+    for values, prefix in ((instance_values, "instance/attributes/"),
+                           (project_values, "project/attributes/")):
+        missing = values[GO_MISSING_ATTRIBUTE]
+        assert missing["not_defined"] is True, missing
+        assert missing["not_defined_suffix"] == prefix + GO_MISSING_ATTRIBUTE
+        assert missing["value"] == ""
+
+    # The server ends no leaf with whitespace, so the trimming helpers and a plain Get agree.
+    for helper, path in GO_TRIMMED_HELPERS.items():
+        body = served(gce_server, path)
+        assert body == body.strip(), "%s ends in whitespace: %r" % (path, body)
+        assert report["raw"][path] == {"value": body}
+        assert value_of(report, helper) == body
+    zone = served(gce_server, "instance/zone")
+    assert report["raw"]["instance/zone"] == {"value": zone}
+    assert value_of(report, "zone") == zone.rsplit("/", 1)[-1]
+
+    seen = report["accounts"]
+    for name in accounts + [""]:
+        path = "instance/service-accounts/%s/" % (name or "default")
+        assert value_of(seen[name], "email") == served(gce_server, path + "email")
+        assert value_of(seen[name], "scopes") == served_lines(gce_server, path + "scopes")
+    assert seen[""] == seen["default"]
+    default_email = served(gce_server, "instance/service-accounts/default/email")
+    assert seen[default_email] == seen["default"]
+    if SECONDARY_EMAIL in accounts:
+        assert value_of(seen[SECONDARY_EMAIL], "email") == SECONDARY_EMAIL
+        assert value_of(seen[SECONDARY_EMAIL], "scopes") == SECONDARY_SCOPES
+
+
 class LineReader:
     """Reads a child's stdout lines on a thread so the test can wait with a timeout."""
 
@@ -278,21 +373,28 @@ class LineReader:
         return json.loads(line)
 
 
-def test_go_subscribe_sees_attribute_updates(gce_server, client_env):
-    key = "mds-subscribe-test"
-    path = "instance/attributes/" + key
+@pytest.mark.parametrize("path", ["instance/attributes/mds-subscribe-test",
+                                  "project/attributes/mds-subscribe-test"])
+def test_go_subscribe_sees_attribute_updates(gce_server, client_env, path):
     gce_server.update(path, "v1")
     assert served(gce_server, path) == "v1"
 
     process = start_go("gcemeta", client_env(gce_server), ["subscribe", path, "stop"])
     try:
         reader = LineReader(process.stdout)
+        # Subscribe hands fn the body untrimmed, so "v1" also shows the server adds no newline.
         assert reader.next_json(20) == {"value": "v1", "ok": True}
         # Give the client time to park on its wait_for_change request, so the
         # update below is delivered through the hanging GET, not a fresh read.
         time.sleep(0.5)
         gce_server.update(path, "v2")
-        assert reader.next_json(20) == {"value": "v2", "ok": True}
+        assert reader.next_json(20) == {"value": served(gce_server, path), "ok": True}
+        assert served(gce_server, path) == "v2"
+        # Whitespace the value itself carries reaches the subscriber as written.
+        spaced = "  v3 with spaces \n\n"
+        gce_server.update(path, spaced)
+        assert reader.next_json(20) == {"value": spaced, "ok": True}
+        assert served(gce_server, path) == spaced
         gce_server.update(path, "stop")
         assert reader.next_json(20) == {"value": "stop", "ok": True}
         assert process.wait(timeout=20) == 0
@@ -304,6 +406,24 @@ def test_go_subscribe_sees_attribute_updates(gce_server, client_env):
         process.stdout.close()
         process.stderr.close()
     assert "error" not in stderr.lower(), stderr
+
+
+def test_go_subscribe_to_a_missing_attribute_is_not_defined(gce_server, client_env):
+    path = "instance/attributes/" + GO_MISSING_ATTRIBUTE
+    status, _, _ = fetch(gce_server, "/computeMetadata/v1/" + path)
+    assert status == 404
+    process = start_go("gcemeta", client_env(gce_server), ["subscribe", path, "never"])
+    try:
+        stdout, _ = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    # Subscribe's first read gets the 404 and returns the NotDefinedError at once.
+    assert process.returncode == 1
+    last = json.loads(stdout.decode("utf-8").strip().splitlines()[-1])
+    assert last["not_defined"] is True, last
+    assert path in last["error"]
 
 
 def test_go_subscribe_reports_deletion(gce_server, client_env):
@@ -381,6 +501,15 @@ def test_clients_watching_for_preemption_and_maintenance_see_them(tmp_path, clie
     assert python_report == {"values": ["FALSE", "TRUE"]}
 
 
+def assert_go_token(report, name, server_token):
+    token = report[name]
+    assert "error" not in token, "%s: %s" % (name, token["error"])
+    assert token["access_token"] == server_token["access_token"]
+    assert token["token_type"] == "Bearer"
+    expected_expiry = time.time() + server_token["expires_in"]
+    assert abs(token["expiry"] - expected_expiry) <= CLOCK_SLACK_SECONDS
+
+
 @VM_CONFIGS
 def test_go_oauth2_default_credentials_and_compute_token(gce_server, client_env):
     report = run_go("oauth2google", client_env(gce_server))
@@ -390,12 +519,79 @@ def test_go_oauth2_default_credentials_and_compute_token(gce_server, client_env)
     # The Go program asks without scopes, so compare with the scope-less token.
     server_token = served_token(gce_server)
     for name in ("adc_token", "compute_token"):
-        token = report[name]
-        assert "error" not in token, "%s: %s" % (name, token["error"])
-        assert token["access_token"] == server_token["access_token"]
-        assert token["token_type"] == "Bearer"
-        expected_expiry = time.time() + server_token["expires_in"]
-        assert abs(token["expiry"] - expected_expiry) <= CLOCK_SLACK_SECONDS
+        assert_go_token(report, name, server_token)
+
+
+@pytest.mark.parametrize("flavor", ["gce", "cloudrun"])
+def test_go_oauth2_compute_token_with_scopes(mds_server_factory, client_env, flavor):
+    server = mds_server_factory(flavor=flavor)
+    # Two scopes, in an order unlike the server's sorted cache key.
+    scopes = [USERINFO_EMAIL_SCOPE, STORAGE_READ_SCOPE]
+    report = run_go("oauth2google", client_env(server), scopes)
+    assert "adc_error" not in report, report["adc_error"]
+    # ComputeTokenSource("", scopes...) asks default/token?scopes=a,b; ADC on GCE builds
+    # the same source, so both hold the token the server hands out for those scopes.
+    server_token = served_token(server, scopes)
+    assert_go_token(report, "compute_token", server_token)
+    assert_go_token(report, "adc_token", server_token)
+    if flavor == "cloudrun":
+        # Serverless mints a token per scope set: this proves ?scopes= reached the server.
+        assert report["compute_token"]["access_token"] != served_token(server)["access_token"]
+
+
+@pytest.mark.parametrize("gce_server", [two_account_document()], ids=["two-accounts"],
+                         indirect=True)
+def test_go_oauth2_compute_token_for_other_accounts(gce_server, client_env):
+    default_token = served_token(gce_server)["access_token"]
+    default_email = served(gce_server, "instance/service-accounts/default/email")
+    env = client_env(gce_server)
+    for account, scopes in ((SECONDARY_EMAIL, []), (SECONDARY_EMAIL, [STORAGE_READ_SCOPE]),
+                            (default_email, [])):
+        report = run_go("oauth2google", env, ["-account", account] + scopes)
+        # ComputeTokenSource(account, ...) reads instance/service-accounts/<account>/token.
+        assert_go_token(report, "compute_token", served_token(gce_server, scopes, account))
+        # ADC stays with the default account.
+        assert_go_token(report, "adc_token", served_token(gce_server, scopes))
+        if account == SECONDARY_EMAIL:
+            assert report["compute_token"]["access_token"] != default_token
+
+
+@VM_CONFIGS
+def test_go_idtoken_from_the_identity_endpoint(gce_server, client_env):
+    """google.golang.org/api/idtoken without a credentials file: NewTokenSource and
+    NewClient read default/identity?audience=...&format=full; its Validator, pointed at
+    the server's JWKS, accepts the token."""
+    require_path(os.path.join(DEBIAN_GOPATH, "src", "google.golang.org", "api", "idtoken"),
+                 "Debian package golang-google-api-dev")
+    report = run_go("idtoken", client_env(gce_server), [AUDIENCE, SECOND_AUDIENCE])
+    email = served(gce_server, "instance/service-accounts/default/email")
+
+    token = report["token"]
+    assert "error" not in token, token["error"]
+    assert token["token"] == \
+        served(gce_server, IDENTITY_PATH, {"audience": AUDIENCE, "format": "full"})
+    assert token["token_type"] == "Bearer"
+    claims = assert_valid_id_token(gce_server, token["token"], AUDIENCE, email)
+    assert_full_format_claims(gce_server, claims)
+    # The library assumes a lifetime shorter than the token's own.
+    assert token["expiry"] <= claims["exp"]
+
+    validated = report["validated"]
+    assert "error" not in validated, validated["error"]
+    assert validated["claims"] == claims
+    assert (validated["iss"], validated["aud"], validated["exp"], validated["iat"],
+            validated["sub"]) == (claims["iss"], AUDIENCE, claims["exp"], claims["iat"],
+                                  claims["sub"])
+    assert "audience provided does not match" in \
+        report["validated_for_other_audience"].get("error", "")
+    # Google's certificate URL, which the program answers from the server's /oauth2/v3/certs.
+    assert report["validator_fetched"] == ["https://www.googleapis.com/oauth2/v3/certs"]
+
+    # idtoken.NewClient sends the token for its audience as a bearer token.
+    authorization = value_of(report, "client_authorization")
+    assert authorization == "Bearer " + \
+        served(gce_server, IDENTITY_PATH, {"audience": SECOND_AUDIENCE, "format": "full"})
+    assert_valid_id_token(gce_server, authorization.split(" ", 1)[1], SECOND_AUDIENCE, email)
 
 
 @VM_CONFIGS

@@ -4,7 +4,11 @@
 //
 // Usage:
 //
-//	gcemeta info                        one JSON object with every helper's result
+//	gcemeta info [flags]                one JSON object with every helper's result
+//	    -instance-attr NAME             also InstanceAttributeValue(NAME) (repeatable)
+//	    -project-attr NAME              also ProjectAttributeValue(NAME) (repeatable)
+//	    -account NAME                   also Email(NAME) and Scopes(NAME) (repeatable;
+//	                                    "" is the library's own default)
 //	gcemeta subscribe <suffix> <stop>   one JSON line per value Subscribe delivers,
 //	                                    until the value equals <stop> or is deleted
 package main
@@ -12,8 +16,10 @@ package main
 import (
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"os"
+	"strings"
 
 	"cloud.google.com/go/compute/metadata"
 )
@@ -35,7 +41,58 @@ func capture(value interface{}, err error) result {
 	return result{Value: value}
 }
 
-func info() {
+// lookup is the outcome of one string-valued call whose value may be empty:
+// unlike result, the value is always present, and a NotDefinedError (the
+// library's reading of a 404) is told apart from every other error together
+// with the suffix the library says was missing.
+type lookup struct {
+	Value            string `json:"value"`
+	Error            string `json:"error,omitempty"`
+	NotDefined       bool   `json:"not_defined,omitempty"`
+	NotDefinedSuffix string `json:"not_defined_suffix,omitempty"`
+}
+
+func look(value string, err error) lookup {
+	if err == nil {
+		return lookup{Value: value}
+	}
+	out := lookup{Value: value, Error: err.Error()}
+	if suffix, ok := err.(metadata.NotDefinedError); ok {
+		out.NotDefined = true
+		out.NotDefinedSuffix = string(suffix)
+	}
+	return out
+}
+
+// names collects a repeatable string flag.
+type names []string
+
+func (n *names) String() string     { return strings.Join(*n, ",") }
+func (n *names) Set(v string) error { *n = append(*n, v); return nil }
+
+// trimmedSuffixes are the paths behind the helpers that strings.TrimSpace
+// their answer; info also reports each untrimmed (metadata.Get), so a test
+// can tell whether the trimming changed anything.
+var trimmedSuffixes = []string{
+	"project/project-id",
+	"project/numeric-project-id",
+	"instance/id",
+	"instance/name",
+	"instance/hostname",
+	"instance/zone",
+	"instance/network-interfaces/0/ip",
+	"instance/network-interfaces/0/access-configs/0/external-ip",
+	"instance/service-accounts/default/email",
+}
+
+func info(args []string) {
+	var instanceAttrs, projectAttrs, accounts names
+	flags := flag.NewFlagSet("info", flag.ExitOnError)
+	flags.Var(&instanceAttrs, "instance-attr", "InstanceAttributeValue of `NAME`")
+	flags.Var(&projectAttrs, "project-attr", "ProjectAttributeValue of `NAME`")
+	flags.Var(&accounts, "account", "Email and Scopes of service account `NAME`")
+	flags.Parse(args)
+
 	out := map[string]interface{}{}
 	out["on_gce"] = metadata.OnGCE()
 	out["project_id"] = capture(metadata.ProjectID())
@@ -55,6 +112,30 @@ func info() {
 	_, err := metadata.Get("instance/attributes/mds-test-key-that-does-not-exist")
 	_, notDefined := err.(metadata.NotDefinedError)
 	out["missing_is_not_defined"] = notDefined
+
+	raw := map[string]lookup{}
+	for _, suffix := range trimmedSuffixes {
+		raw[suffix] = look(metadata.Get(suffix))
+	}
+	out["raw"] = raw
+	instanceValues := map[string]lookup{}
+	for _, name := range instanceAttrs {
+		instanceValues[name] = look(metadata.InstanceAttributeValue(name))
+	}
+	out["instance_attribute_values"] = instanceValues
+	projectValues := map[string]lookup{}
+	for _, name := range projectAttrs {
+		projectValues[name] = look(metadata.ProjectAttributeValue(name))
+	}
+	out["project_attribute_values"] = projectValues
+	accountInfo := map[string]interface{}{}
+	for _, name := range accounts {
+		accountInfo[name] = map[string]interface{}{
+			"email":  capture(metadata.Email(name)),
+			"scopes": capture(metadata.Scopes(name)),
+		}
+	}
+	out["accounts"] = accountInfo
 	emit(out)
 }
 
@@ -67,7 +148,8 @@ func subscribe(suffix, stop string) {
 		return nil
 	})
 	if err != nil && err != errStop {
-		emit(map[string]interface{}{"error": err.Error()})
+		_, notDefined := err.(metadata.NotDefinedError)
+		emit(map[string]interface{}{"error": err.Error(), "not_defined": notDefined})
 		os.Exit(1)
 	}
 }
@@ -84,13 +166,13 @@ func emit(v interface{}) {
 
 func main() {
 	if len(os.Args) >= 2 && os.Args[1] == "info" {
-		info()
+		info(os.Args[2:])
 		return
 	}
 	if len(os.Args) == 4 && os.Args[1] == "subscribe" {
 		subscribe(os.Args[2], os.Args[3])
 		return
 	}
-	fmt.Fprintln(os.Stderr, "usage: gcemeta info | gcemeta subscribe <suffix> <stop>")
+	fmt.Fprintln(os.Stderr, "usage: gcemeta info [flags] | gcemeta subscribe <suffix> <stop>")
 	os.Exit(2)
 }

@@ -3,12 +3,17 @@
 // Credentials detection and the Compute Engine token source, both of which
 // read the metadata server named by GCE_METADATA_HOST.
 //
-// Usage: oauth2google [scope ...]   prints one JSON object on stdout.
+// Usage: oauth2google [-account EMAIL] [scope ...]   prints one JSON object on stdout.
+//
+// ADC always uses the default account; compute_token comes from
+// ComputeTokenSource(EMAIL, scope...), so "" (the default) is the library's own
+// choice of account.
 package main
 
 import (
 	"context"
 	"encoding/json"
+	"flag"
 	"fmt"
 	"os"
 	"time"
@@ -39,8 +44,10 @@ func report(source oauth2.TokenSource) tokenReport {
 }
 
 func main() {
+	account := flag.String("account", "", "service account for ComputeTokenSource")
+	flag.Parse()
 	ctx := context.Background()
-	scopes := os.Args[1:]
+	scopes := flag.Args()
 	out := map[string]interface{}{}
 
 	creds, err := google.FindDefaultCredentials(ctx, scopes...)
@@ -50,7 +57,7 @@ func main() {
 		out["adc_project_id"] = creds.ProjectID
 		out["adc_token"] = report(creds.TokenSource)
 	}
-	out["compute_token"] = report(google.ComputeTokenSource("", scopes...))
+	out["compute_token"] = report(google.ComputeTokenSource(*account, scopes...))
 
 	line, err := json.Marshal(out)
 	if err != nil {
