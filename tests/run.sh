@@ -23,7 +23,7 @@ node_stamp="$node_dir/node_modules/.mds-package-lock.sha256"
 # need swtpm + tpm2-tss, tpm2-pytss compiles against libtss2-dev with gcc and
 # the Python headers.
 apt_packages=(
-  golang-go golang-google-cloud-dev golang-golang-x-oauth2-google-dev
+  golang-go golang-google-cloud-dev golang-golang-x-oauth2-google-dev golang-google-api-dev
   golang-github-aws-aws-sdk-go-dev golang-github-aws-aws-sdk-go-v2-dev
   openjdk-17-jdk-headless libgoogle-auth-java
   swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config openssl
