@@ -9,6 +9,8 @@ import base64
 import json
 import os
 import queue
+import re
+import subprocess
 import threading
 import time
 import urllib.error
@@ -18,8 +20,8 @@ import urllib.request
 import pytest
 
 import mds
-from clients import (DEBIAN_GOPATH, MdsCli, go_binary, require_path, run_go, run_node,
-                     run_python, start_go)
+from clients import (DEBIAN_GOPATH, NODE_DIR, MdsCli, go_binary, require_path, require_tool,
+                     run_go, run_node, run_python, start_go)
 
 AUDIENCE = "https://mds-test.example/endpoint?x=1"
 SECOND_AUDIENCE = "https://mds-test.example/second"
@@ -226,6 +228,254 @@ def test_node_gcp_metadata_and_google_auth(gce_server, client_env):
         served_token(gce_server, [CLOUD_PLATFORM_SCOPE])["access_token"]
     claims = assert_valid_id_token(gce_server, value_of(report, "id_token"), AUDIENCE, email)
     assert_full_format_claims(gce_server, claims)
+
+
+# Attribute values gcp-metadata must hand back as mds serves them (after its json-bigint
+# parse of any body that is JSON): text, a number beyond 2**64, JSON, a multi-line script.
+NODE_ATTRIBUTES = {
+    "mds-node-text": "hello node",
+    "mds-node-big": "123456789012345678901234",
+    "mds-node-json": '{"nested": [1, "two", 18446744073709551557]}',
+    "mds-node-script": "#!/bin/sh\necho node\n",
+}
+NODE_MISSING_ATTRIBUTE = "mds-node-never-defined"
+
+
+def from_node(value):
+    """A value reported by tests/node/gce_metadata.js, with json-bigint numbers as ints."""
+    if isinstance(value, dict):
+        if set(value) == {"bignumber"}:
+            return int(value["bignumber"])
+        return {key: from_node(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [from_node(item) for item in value]
+    return value
+
+
+def as_gcp_metadata_parses(body):
+    """What gcp-metadata makes of a body: its JSON value if it is JSON, else the text."""
+    try:
+        return json.loads(body)
+    except ValueError:
+        return body
+
+
+def big_ints(value, found=None):
+    """Every integer in a JSON value too large for a JS number to hold exactly."""
+    found = [] if found is None else found
+    if isinstance(value, dict):
+        for item in value.values():
+            big_ints(item, found)
+    elif isinstance(value, list):
+        for item in value:
+            big_ints(item, found)
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2 ** 53:
+        found.append(value)
+    return found
+
+
+def served_identity(server, audience, account="default"):
+    return served(server, "instance/service-accounts/%s/identity" % account,
+                  {"audience": audience, "format": "full"})
+
+
+@pytest.mark.parametrize(
+    "gce_server", [None, custom_vm_document(), two_account_document()],
+    ids=["default-vm", "custom-vm", "two-accounts"], indirect=True)
+def test_node_gcp_metadata_attributes_tags_bulk_and_recursive(gce_server, client_env):
+    for name, value in NODE_ATTRIBUTES.items():
+        gce_server.update("instance/attributes/" + name, value)
+        gce_server.update("project/attributes/" + name, value + " (project)")
+    instance_names = served_lines(gce_server, "instance/attributes/")
+    project_names = served_lines(gce_server, "project/attributes/")
+    for prefix in ("instance/attributes/", "project/attributes/"):
+        status, _, _ = fetch(gce_server, "/computeMetadata/v1/" + prefix + NODE_MISSING_ATTRIBUTE)
+        assert status == 404
+    bulk_keys = ["instance/tags", "instance/id", "project/project-id",
+                 "project/numeric-project-id", "instance/attributes/mds-node-json"]
+    spec = {"instance_attributes": instance_names, "project_attributes": project_names,
+            "missing": NODE_MISSING_ATTRIBUTE, "bulk": bulk_keys, "universe": True}
+    report = run_node("gce_metadata.js", client_env(gce_server), ["report", json.dumps(spec)])
+
+    for names, prefix, seen in ((instance_names, "instance/attributes/",
+                                 report["instance_attributes"]),
+                                (project_names, "project/attributes/",
+                                 report["project_attributes"])):
+        assert sorted(seen) == sorted(names)
+        for name in names:
+            assert "error" not in seen[name], "%s%s: %s" % (prefix, name, seen[name])
+            body = served(gce_server, prefix + name)
+            assert from_node(seen[name]["value"]) == as_gcp_metadata_parses(body), name
+    # The 24-digit value is beyond 2**64: json-bigint keeps it exact as a BigNumber.
+    big = report["instance_attributes"]["mds-node-big"]["value"]
+    assert big == {"bignumber": served(gce_server, "instance/attributes/mds-node-big")}
+    script = report["project_attributes"]["mds-node-script"]["value"]
+    assert script == served(gce_server, "project/attributes/mds-node-script")
+    # A missing key is the server's 404, surfaced as gaxios's error with that status and
+    # the server's error page as its message.
+    for name, prefix in (("missing_instance_attribute", "instance/attributes/"),
+                         ("missing_project_attribute", "project/attributes/")):
+        missing = report[name]
+        assert "value" not in missing, missing
+        assert missing["status"] == 404, missing
+        assert missing["class"] == "GaxiosError", missing
+        _, _, body = fetch(gce_server, "/computeMetadata/v1/" + prefix + NODE_MISSING_ATTRIBUTE)
+        assert missing["error"] == body.decode("utf-8")
+
+    tags = value_of(report, "tags")
+    assert isinstance(tags, list)
+    assert tags == json.loads(served(gce_server, "instance/tags"))
+    bulk = value_of(report, "bulk")
+    assert sorted(bulk) == sorted(bulk_keys)
+    for key in bulk_keys:
+        assert from_node(bulk[key]) == as_gcp_metadata_parses(served(gce_server, key)), key
+
+    for name, path in (("recursive_instance", "instance/"), ("recursive_project", "project/")):
+        expected = json.loads(served(gce_server, path, {"recursive": "true"}))
+        seen = value_of(report, name)
+        assert from_node(seen) == expected, name
+    # 64-bit ids the server serves as JSON numbers come through as exact BigNumbers, not
+    # as rounded JS numbers: the instance id above all.
+    instance = value_of(report, "recursive_instance")
+    served_instance = json.loads(served(gce_server, "instance/", {"recursive": "true"}))
+    if isinstance(served_instance["id"], int) and served_instance["id"] > 2 ** 53:
+        assert instance["id"] == {"bignumber": str(served_instance["id"])}
+    assert str(from_node(instance["id"])) == served(gce_server, "instance/id")
+    # Likewise every other integer past 2**53 (license ids, ...): found as BigNumber text.
+    node_texts = set(re.findall(r'\{"bignumber": "(\d+)"\}', json.dumps(instance)))
+    assert {str(number) for number in big_ints(served_instance)} <= node_texts
+
+    universe = served(gce_server, "universe/universe-domain")
+    assert value_of(report, "universe") == universe
+    assert value_of(report, "auth_universe") == universe
+
+
+@pytest.mark.parametrize("flavor", ["gce", "cloudrun"])
+def test_node_google_auth_scoped_tokens_and_verified_id_tokens(mds_server_factory, client_env,
+                                                               flavor):
+    server = mds_server_factory(flavor=flavor)
+    email = served(server, "instance/service-accounts/default/email")
+    # Two scopes, in an order unlike the server's sorted cache key.
+    scopes = [USERINFO_EMAIL_SCOPE, STORAGE_READ_SCOPE]
+    spec = {"scopes": scopes, "accounts": [email], "audience": SECOND_AUDIENCE}
+    report = run_node("gce_metadata.js", client_env(server), ["report", json.dumps(spec)])
+
+    # GoogleAuth({scopes}) and Compute({serviceAccountEmail}) ask .../token?scopes=a,b:
+    # both hold exactly the token the server hands out for those scopes.
+    server_token = served_token(server, scopes)["access_token"]
+    assert value_of(report, "auth_access_token") == server_token
+    assert value_of(report["accounts"][email], "access_token") == \
+        served_token(server, scopes, email)["access_token"]
+    if flavor == "cloudrun":
+        # Serverless mints a token per scope set: this proves ?scopes= reached the server.
+        assert server_token != served_token(server)["access_token"]
+    assert value_of(report, "auth_email") == email
+
+    # fetchIdToken asks default/identity?format=full&audience=...; the server caches it.
+    id_token = value_of(report, "id_token")
+    assert id_token == served_identity(server, SECOND_AUDIENCE)
+    claims = assert_valid_id_token(server, id_token, SECOND_AUDIENCE, email)
+    # OAuth2Client.verifyIdToken, with its cert URLs pointed at the server, accepts it.
+    assert value_of(report, "id_token_verified") == claims
+    assert value_of(report["accounts"][email], "id_token") == \
+        served_identity(server, SECOND_AUDIENCE, email)
+
+
+@pytest.mark.parametrize("gce_server", [two_account_document()], ids=["two-accounts"],
+                         indirect=True)
+def test_node_compute_client_for_a_secondary_account(gce_server, client_env):
+    default_email = served(gce_server, "instance/service-accounts/default/email")
+    env = client_env(gce_server)
+    for scopes in ([], [STORAGE_READ_SCOPE]):
+        spec = {"scopes": scopes, "accounts": [SECONDARY_EMAIL, default_email],
+                "audience": AUDIENCE}
+        report = run_node("gce_metadata.js", env, ["report", json.dumps(spec)])
+        secondary = report["accounts"][SECONDARY_EMAIL]
+        # Compute({serviceAccountEmail}) reads instance/service-accounts/<email>/token.
+        assert value_of(secondary, "access_token") == \
+            served_token(gce_server, scopes, SECONDARY_EMAIL)["access_token"]
+        assert value_of(secondary, "access_token") != \
+            served_token(gce_server, scopes)["access_token"]
+        assert value_of(report["accounts"][default_email], "access_token") == \
+            served_token(gce_server, scopes, default_email)["access_token"]
+        # GoogleAuth stays with the default account.
+        assert value_of(report, "auth_access_token") == \
+            served_token(gce_server, scopes)["access_token"]
+        assert value_of(report, "auth_email") == default_email
+        id_token = value_of(secondary, "id_token")
+        assert id_token == served_identity(gce_server, AUDIENCE, SECONDARY_EMAIL)
+        claims = assert_valid_id_token(gce_server, id_token, AUDIENCE, SECONDARY_EMAIL)
+        assert_full_format_claims(gce_server, claims)
+        assert value_of(report, "id_token_verified")["email"] == default_email
+
+
+def test_node_metadata_server_detection(mds_server_factory, client_env):
+    """isAvailable() under each METADATA_SERVER_DETECTION of gcp-metadata, live and dead."""
+    server = mds_server_factory(flavor="gce")
+    dead = mds_server_factory(flavor="gce")
+    dead.stop()
+    dead_env = {name: dead.env[name] for name in ("GCE_METADATA_HOST", "GCE_METADATA_IP")}
+    cases = [
+        # (server env, detection, extra env, isAvailable, GoogleAuth's client or None)
+        ({}, None, {}, True, "Compute"),
+        ({}, "ping-only", {}, True, "Compute"),
+        ({}, "assume-present", {}, True, "Compute"),
+        ({}, "none", {}, False, ""),
+        (dead_env, None, {}, False, ""),
+        (dead_env, "ping-only", {}, False, ""),
+        # Told the server is there, nothing pings it.
+        (dead_env, "assume-present", {}, True, None),
+        # bios-only takes a serverless environment's word for it, without a ping.
+        (dead_env, "bios-only", {"K_SERVICE": "mds-test"}, True, None),
+    ]
+    for target, detection, extra, available, client in cases:
+        env = client_env(server, METADATA_SERVER_DETECTION=detection, **target, **extra)
+        args = ["detect"] if client is None else ["detect", "client"]
+        report = run_node("gce_metadata.js", env, args)
+        what = "%s server with %s" % ("dead" if target else "live", detection)
+        assert value_of(report, "is_available") is available, what
+        if "K_SERVICE" in extra:
+            assert value_of(report, "residency") is True, what
+        if client:
+            assert value_of(report, "auth_client_class") == client, what
+        elif client == "":
+            # No server and no other credentials: ADC finds nothing.
+            assert "Could not load the default credentials" in \
+                report["auth_client_class"]["error"], what
+    report = run_node("gce_metadata.js",
+                      client_env(server, METADATA_SERVER_DETECTION="bogus"), ["detect"])
+    assert report["is_available"]["class"] == "RangeError"
+    assert "METADATA_SERVER_DETECTION" in report["is_available"]["error"]
+
+
+@pytest.mark.parametrize("kind", ["instance", "project"])
+def test_node_gcp_metadata_wait_for_change_sees_updates(gce_server, client_env, kind):
+    property_name = "attributes/mds-node-watch"
+    path = "%s/%s" % (kind, property_name)
+    gce_server.update(path, "v1")
+    node = require_tool("node")
+    process = subprocess.Popen(
+        [node, os.path.join(NODE_DIR, "gce_metadata.js"), "watch", kind, property_name, "stop"],
+        env=client_env(gce_server), cwd=NODE_DIR, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE)
+    try:
+        reader = LineReader(process.stdout)
+        assert reader.next_json(20) == {"value": served(gce_server, path)}
+        for value in ("v2", "v3 with spaces", "stop"):
+            # Give the client time to park on its wait_for_change request, so the update
+            # is delivered through the hanging GET, not a fresh read.
+            time.sleep(0.5)
+            gce_server.update(path, value)
+            assert reader.next_json(20) == {"value": served(gce_server, path)}
+        assert process.wait(timeout=20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        stderr = process.stderr.read().decode("utf-8", "replace")
+        process.stdout.close()
+        process.stderr.close()
+    assert stderr == "", stderr
 
 
 @VM_CONFIGS
