@@ -469,12 +469,7 @@ def test_node_gcp_metadata_wait_for_change_sees_updates(gce_server, client_env, 
             assert reader.next_json(20) == {"value": served(gce_server, path)}
         assert process.wait(timeout=20) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        stderr = process.stderr.read().decode("utf-8", "replace")
-        process.stdout.close()
-        process.stderr.close()
+        stderr = end_client(process)
     assert stderr == "", stderr
 
 
@@ -601,6 +596,17 @@ def test_go_attribute_values_accounts_and_trimming(gce_server, client_env):
         assert value_of(seen[SECONDARY_EMAIL], "scopes") == SECONDARY_SCOPES
 
 
+def end_client(process):
+    """Stop a client program if it still runs; return what it wrote on stderr."""
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    stderr = process.stderr.read().decode("utf-8", "replace")
+    process.stdout.close()
+    process.stderr.close()
+    return stderr
+
+
 class LineReader:
     """Reads a child's stdout lines on a thread so the test can wait with a timeout."""
 
@@ -649,12 +655,7 @@ def test_go_subscribe_sees_attribute_updates(gce_server, client_env, path):
         assert reader.next_json(20) == {"value": "stop", "ok": True}
         assert process.wait(timeout=20) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        stderr = process.stderr.read().decode("utf-8", "replace")
-        process.stdout.close()
-        process.stderr.close()
+        stderr = end_client(process)
     assert "error" not in stderr.lower(), stderr
 
 
