@@ -81,6 +81,10 @@ def two_account_document():
 # Every client test runs against the default VM and against a custom one.
 VM_CONFIGS = pytest.mark.parametrize(
     "gce_server", [None, custom_vm_document()], ids=["default-vm", "custom-vm"], indirect=True)
+# ... and, where accounts matter, against one with a second service account too.
+ALL_VM_CONFIGS = pytest.mark.parametrize(
+    "gce_server", [None, custom_vm_document(), two_account_document()],
+    ids=["default-vm", "custom-vm", "two-accounts"], indirect=True)
 
 
 def fetch(server, path, query=None, headers=None):
@@ -279,9 +283,7 @@ def served_identity(server, audience, account="default"):
                   {"audience": audience, "format": "full"})
 
 
-@pytest.mark.parametrize(
-    "gce_server", [None, custom_vm_document(), two_account_document()],
-    ids=["default-vm", "custom-vm", "two-accounts"], indirect=True)
+@ALL_VM_CONFIGS
 def test_node_gcp_metadata_attributes_tags_bulk_and_recursive(gce_server, client_env):
     for name, value in NODE_ATTRIBUTES.items():
         gce_server.update("instance/attributes/" + name, value)
@@ -525,9 +527,7 @@ GO_PROJECT_ATTRIBUTES = {"mds-go-project-trailing": "project value\n"}
 GO_MISSING_ATTRIBUTE = "mds-go-never-defined"
 
 
-@pytest.mark.parametrize(
-    "gce_server", [None, custom_vm_document(), two_account_document()],
-    ids=["default-vm", "custom-vm", "two-accounts"], indirect=True)
+@ALL_VM_CONFIGS
 def test_go_attribute_values_accounts_and_trimming(gce_server, client_env):
     for name, value in GO_INSTANCE_ATTRIBUTES.items():
         gce_server.update("instance/attributes/" + name, value)
