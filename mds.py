@@ -3687,10 +3687,9 @@ class ImpersonatedSource:
 
     def _source_token(self, deadline):
         def refresh(transport):
-            with self._lock:
-                if not self._source.valid:
-                    self._source.refresh(transport)
-                return self._source.token
+            view = self._shared_source()
+            view.refresh(transport)
+            return view.token
 
         return _run_google_auth(refresh, "refreshing the source credentials for %s"
                                 % self.email, self.timeout, self.retry_delays, deadline,
