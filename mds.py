@@ -1750,6 +1750,9 @@ class _Ec2Tree(object):
         self.public_keys = []     # [(index, name)]
         self.started_at = 0.0
         self.providers = {}       # role name -> credential provider
+        # Real IMDS answers carry Last-Modified (aws.md §1); no client reads it, so one date
+        # for the whole tree, the moment this version of it was built, is close enough.
+        self.last_modified = email.utils.formatdate(usegmt=True)
 
 
 class Ec2Flavor(object):
@@ -2449,7 +2452,7 @@ class Ec2Flavor(object):
             return self._token_response(request, segments[0])
         if request.method not in ("GET", "HEAD"):
             return Response(405, b"", EC2_TEXT, [("Allow", "GET, HEAD")])
-        headers = []
+        headers = [("Last-Modified", tree.last_modified)]
         token = request.headers.get(TOKEN_HEADER)
         if token is not None:
             if request.headers.get("X-Forwarded-For") is not None:

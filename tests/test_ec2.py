@@ -5,6 +5,7 @@ endpoint and the signed instance identity document."""
 import argparse
 import base64
 import collections
+import email.utils
 import http.client
 import ipaddress
 import json
@@ -264,6 +265,27 @@ def test_not_found_page(ec2):
         assert headers["server"] == "EC2ws"
         assert b"<title>404 - Not Found</title>" in body
         assert body.startswith(b'<?xml version="1.0" encoding="iso-8859-1"?>')
+
+
+def test_answers_carry_last_modified_of_the_tree(ec2):
+    server = ec2(config={"ec2": {"user-data": "#!/bin/sh\n"}})
+    started = time.time()
+    stamps = set()
+    for path in ("/latest/meta-data/instance-id", "/latest/meta-data/", "/latest/user-data",
+                 "/latest/dynamic/instance-identity/document"):
+        status, headers, _ = get(server, path)
+        assert status == 200, path
+        assert headers["last-modified"].endswith(" GMT"), headers
+        stamps.add(headers["last-modified"])
+    assert len(stamps) == 1
+    (stamp,) = stamps
+    assert abs(email.utils.parsedate_to_datetime(stamp).timestamp() - started) < 5
+    assert "last-modified" not in get(server, "/latest/meta-data/nope")[1]
+    time.sleep(1.1)                      # HTTP dates have whole seconds
+    server.update("meta-data/instance-id", "i-0123456789abcdef0")
+    later = get(server, "/latest/meta-data/instance-id")[1]["last-modified"]
+    assert (email.utils.parsedate_to_datetime(later)
+            > email.utils.parsedate_to_datetime(stamp))
 
 
 def test_user_data_bytes_and_content_type(ec2):
