@@ -510,6 +510,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             # Clients percent-encode; raw bytes (read as latin-1) get the same encoding, so
             # that every flavor sees one spelling and headers built from the path stay ASCII.
             path = urllib.parse.quote(path.encode("latin-1"), safe="/%:@!$&'()*+,;=-._~")
+        if not raw_query.isascii():     # Go's metadata client sends a hand-built query as is
+            raw_query = urllib.parse.quote(raw_query.encode("latin-1"),
+                                           safe="/%:@!$&'()*+,;=-._~?")
         request = Request(self.command, path, raw_query, self.headers, self.client_address[0],
                           self.headers.get("Host") or mds.authority, body, self.connection,
                           # Only asked once the socket is at its end: peek() cannot block.
@@ -1182,7 +1185,10 @@ class GceFlavor:
         if not flavor_ok:
             return self.forbidden(request)
         if request.method != "GET":
-            if request.method == "PUT" and "/guest-attributes/" in path:
+            # Guest attributes are a Compute Engine feature, like timed events: Cloud Run and
+            # GKE serve no guest-attributes/ (gce.md §12, §13).
+            if request.method == "PUT" and "/guest-attributes/" in path and \
+                    self.variant == "gce":
                 return self.put_guest_attribute(request)
             return Response(405, "Method %s is not allowed here.\n" % request.method,
                             "text/html; charset=UTF-8", [("Allow", "GET")])
@@ -1326,7 +1332,10 @@ class GceFlavor:
         licenses = fmt == "full" and true_param(request.query.get("licenses"))
         account = node.account
         source = account.source
-        claims = self.compute_engine_claims(tree, licenses) if fmt == "full" else None
+        # Only VMs add the google.compute_engine claim: serverless and GKE tokens have none
+        # even with format=full (vault-plugin-auth-gcp #104, #190, #85 report its absence).
+        claims = (self.compute_engine_claims(tree, licenses)
+                  if fmt == "full" and self.variant == "gce" else None)
         try:
             # The claims are part of the key: a reload that renames the instance or project
             # must not keep serving tokens that say otherwise.

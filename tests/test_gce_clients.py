@@ -596,6 +596,17 @@ def test_go_attribute_values_accounts_and_trimming(gce_server, client_env):
         assert value_of(seen[SECONDARY_EMAIL], "scopes") == SECONDARY_SCOPES
 
 
+def test_go_get_with_a_raw_unicode_query_means_what_it_says(gce_server, client_env):
+    # metadata.Get sends a hand-built suffix, query included, as written: an audience with
+    # non-ASCII characters reaches the server as raw UTF-8, not percent-encoded.
+    audience = "https://caf\u00e9.example/\u00fcber"
+    suffix = "instance/service-accounts/default/identity?audience=" + audience
+    report = run_go("gcemeta", client_env(gce_server), ["info", "-get", suffix])
+    answer = report["get"][suffix]
+    assert "error" not in answer, answer
+    assert decode_jwt(answer["value"])[1]["aud"] == audience
+
+
 def end_client(process):
     """Stop a client program if it still runs; return what it wrote on stderr."""
     if process.poll() is None:

@@ -3,6 +3,7 @@ their headers, root, error shapes and smaller trees (spec sections 12 and 13), c
 wire and through the real Python, Go and Node clients.
 """
 
+import base64
 import http.client
 import json
 import re
@@ -117,6 +118,36 @@ def test_a_config_of_settings_only_keeps_the_variants_tree(variant, tmp_path,
     server = mds_server_factory(flavor=flavor, config=str(config))
     assert text(server, "instance/") == text(default, "instance/")
     assert text(server, "project/") == text(default, "project/")
+
+
+def test_neither_variant_takes_guest_attributes(variant):
+    # Guest attributes belong to VMs: the variants have no guest-attributes/ to write into.
+    _, server = variant
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        connection.request("PUT", V1 + "instance/guest-attributes/ns/key", body=b"value",
+                           headers=GOOGLE)
+        response = connection.getresponse()
+        response.read()
+    finally:
+        connection.close()
+    assert response.status == 405
+    assert "guest-attributes/" not in text(server, "instance/")
+    assert "guestAttributes" not in json.loads(call(server, V1 + "instance/?recursive=true")[2])
+
+
+def test_full_identity_tokens_of_the_variants_carry_no_vm_claims(variant):
+    # Serverless and Workload Identity tokens have no google.compute_engine claim even with
+    # format=full (only VMs have one); a verifier of VM identity must refuse them.
+    _, server = variant
+    path = (V1 + "instance/service-accounts/default/identity?audience=" + AUDIENCE
+            + "&format=full&licenses=TRUE")
+    status, _, body = call(server, path)
+    assert status == 200, body
+    payload = body.split(b".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + b"=" * (-len(payload) % 4)))
+    assert claims["aud"] == AUDIENCE and claims["email_verified"] is True
+    assert "google" not in claims
 
 
 # ---- tokens ---------------------------------------------------------------------------------

@@ -7,8 +7,10 @@ No assertion here depends on how fast the machine is: time limits are generous b
 stop a broken server from hanging the suite.
 """
 
+import base64
 import gc
 import http.client
+import json
 import os
 import re
 import select
@@ -18,6 +20,7 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.parse
 
 import pytest
 
@@ -484,6 +487,25 @@ def test_raw_utf8_in_a_path_means_what_its_percent_encoding_means(mds_server_fac
                        b"Connection: close\r\n\r\n")
     assert encoded == (200, "crème".encode())
     assert raw.startswith(b"HTTP/1.1 200") and raw.endswith("crème".encode()), raw
+
+
+def test_raw_utf8_in_a_query_means_what_its_percent_encoding_means(mds_server_factory):
+    server = mds_server_factory()
+    path = V1 + "instance/service-accounts/default/identity?format=full&audience="
+    audience = "https://caf\u00e9.example/a b+c"
+
+    def audience_of(response):
+        assert response.startswith(b"HTTP/1.1 200"), response
+        payload = response.rsplit(b"\r\n\r\n", 1)[1].split(b".")[1]
+        return json.loads(base64.urlsafe_b64decode(payload + b"=" * (-len(payload) % 4)))["aud"]
+
+    request = (b" HTTP/1.1\r\nHost: x\r\nMetadata-Flavor: Google\r\nConnection: close\r\n\r\n")
+    raw = raw_exchange(server.port, b"GET " + (path + audience.replace(" ", "%20")).encode()
+                       + request)
+    encoded = raw_exchange(server.port, b"GET " + (path + urllib.parse.quote(
+        audience, safe=":/+")).encode() + request)
+    # "+" keeps its form meaning in both spellings, as the real server's parser gives it.
+    assert audience_of(raw) == audience_of(encoded) == audience.replace("+", " ")
 
 
 # ---- many waiters ---------------------------------------------------------------------------

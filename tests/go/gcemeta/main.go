@@ -9,6 +9,8 @@
 //	    -project-attr NAME              also ProjectAttributeValue(NAME) (repeatable)
 //	    -account NAME                   also Email(NAME) and Scopes(NAME) (repeatable;
 //	                                    "" is the library's own default)
+//	    -get SUFFIX                     also Get(SUFFIX), the suffix sent as written
+//	                                    (repeatable)
 //	gcemeta subscribe <suffix> <stop>   one JSON line per value Subscribe delivers,
 //	                                    until the value equals <stop> or is deleted
 package main
@@ -86,11 +88,12 @@ var trimmedSuffixes = []string{
 }
 
 func info(args []string) {
-	var instanceAttrs, projectAttrs, accounts names
+	var instanceAttrs, projectAttrs, accounts, suffixes names
 	flags := flag.NewFlagSet("info", flag.ExitOnError)
 	flags.Var(&instanceAttrs, "instance-attr", "InstanceAttributeValue of `NAME`")
 	flags.Var(&projectAttrs, "project-attr", "ProjectAttributeValue of `NAME`")
 	flags.Var(&accounts, "account", "Email and Scopes of service account `NAME`")
+	flags.Var(&suffixes, "get", "Get(`SUFFIX`)")
 	flags.Parse(args)
 
 	out := map[string]interface{}{}
@@ -136,6 +139,11 @@ func info(args []string) {
 		}
 	}
 	out["accounts"] = accountInfo
+	gets := map[string]lookup{}
+	for _, suffix := range suffixes {
+		gets[suffix] = look(metadata.Get(suffix))
+	}
+	out["get"] = gets
 	emit(out)
 }
 
