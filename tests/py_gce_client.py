@@ -13,6 +13,7 @@ network timeout.
 
 Usage: python py_gce_client.py <id-token-audience> [--retarget-audience AUDIENCE]
            [--scopes SCOPE,...] [--with-scopes SCOPE,...] [--account EMAIL]
+           [--authorized-get URL]
 
 Without options it reports the calls every VM supports; each option adds the calls that
 need its value (a second id-token audience, scopes to ask for, a non-default account).
@@ -88,6 +89,8 @@ def _parse_args(argv):
     parser.add_argument("--scopes", help="comma-separated: Credentials(scopes=[...])")
     parser.add_argument("--with-scopes", help="comma-separated: Credentials().with_scopes")
     parser.add_argument("--account", help="Credentials(service_account_email=...)")
+    parser.add_argument("--authorized-get",
+                        help="GET this (loopback) URL through an AuthorizedSession on ADC")
     return parser.parse_args(argv)
 
 
@@ -105,6 +108,20 @@ def _refreshed_id_token(credentials, request):
     return {"token": credentials.token,
             "expiry": _epoch(credentials.expiry),
             "service_account_email": credentials.service_account_email}
+
+
+def _authorized_get(url):
+    """One request as an application makes it, then a wait for the background threads it
+    started (google-auth's regional-access-boundary lookup runs in one)."""
+    import google.auth
+    import google.auth.transport.requests
+    credentials, _ = google.auth.default()
+    session = google.auth.transport.requests.AuthorizedSession(credentials)
+    before = set(threading.enumerate())
+    status = session.get(url, headers={"Metadata-Flavor": "Google"}).status_code
+    for thread in set(threading.enumerate()) - before:
+        thread.join(timeout=20)
+    return status
 
 
 def main():
@@ -180,6 +197,9 @@ def main():
                 "credentials_class": "%s.%s" % (type(credentials).__module__,
                                                 type(credentials).__name__)}
     out["storage_client"] = _capture(storage_client)
+
+    if args.authorized_get:
+        out["authorized_get"] = _capture(lambda: _authorized_get(args.authorized_get))
 
     with _blocked_lock:
         out["blocked"] = list(_blocked)

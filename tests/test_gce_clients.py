@@ -887,6 +887,31 @@ def test_python_google_auth_and_storage(gce_server, client_env):
     assert storage["credentials_class"] == "google.auth.compute_engine.credentials.Credentials"
 
 
+@pytest.mark.parametrize("email, leaves", [
+    (None, True),                                        # the built-in *.gserviceaccount.com
+    ("app@mds-emulator.example", False),
+])
+def test_python_authorized_requests_and_the_regional_access_boundary_lookup(
+        mds_server_factory, client_env, email, leaves):
+    # README: google-auth looks up the account's regional access boundary at
+    # iamcredentials.googleapis.com after an authorised request, unless the e-mail is outside
+    # *.gserviceaccount.com.  The harness refuses and records every non-loopback attempt.
+    config = None
+    if email:
+        config = {"computeMetadata": {"v1": {"instance": {"serviceAccounts": {
+            email: {"email": email,
+                    "scopes": ["https://www.googleapis.com/auth/cloud-platform"]}}}}}}
+    server = mds_server_factory(config=config)
+    report = run_python("py_gce_client.py", client_env(server),
+                        [AUDIENCE, "--authorized-get", server.url + "/computeMetadata/v1/"])
+    assert value_of(report, "authorized_get") == 200
+    if leaves:
+        assert any("iamcredentials.googleapis.com" in what for what in report["blocked"]), \
+            report["blocked"]
+    else:
+        assert report["blocked"] == []
+
+
 @VM_CONFIGS
 def test_python_id_token_credentials_from_the_identity_endpoint(gce_server, client_env):
     report = run_python("py_gce_client.py", client_env(gce_server),
