@@ -1655,9 +1655,23 @@ def ec2_error_response(status, extra_headers=()):
     return Response(status, body, "text/html", list(extra_headers))
 
 
-def aws_json(value):
-    """JSON as IMDS formats its documents: 2-space indent and '"key" : value'."""
-    return json.dumps(value, indent=2, separators=(",", " : "))
+def aws_json(value, depth=0):
+    """JSON as IMDS prints it (Jackson's default pretty printer): an object's members one per
+    line, indented 2 spaces per object level, as '"key" : value'; an array on one line with
+    its elements separated by ", " ("[ {" ... "} ]", an empty one "[ ]") and no level of its
+    own (the real scheduled-events capture in aws.md §3.4 has that shape)."""
+    if isinstance(value, dict):
+        if not value:
+            return "{ }"
+        inner = "\n" + "  " * (depth + 1)
+        return "{" + inner + ("," + inner).join(
+            json.dumps(key) + " : " + aws_json(item, depth + 1)
+            for key, item in value.items()) + "\n" + "  " * depth + "}"
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return "[ ]"
+        return "[ " + ", ".join(aws_json(item, depth) for item in value) + " ]"
+    return json.dumps(value)
 
 
 def availability_zone_id(region, zone):
@@ -2384,13 +2398,13 @@ class Ec2Flavor(object):
                 scheduled.append(entry)
         ev = dict(root.get("events") or {})
         maintenance = dict(ev.get("maintenance") or {})
-        # Listed as in the docs, but 404 while there is nothing to report: real IMDS was seen
-        # answering 404 for scheduled with no events (spec §3.4); [] would be a guess.
+        # Both are listed on every instance and answer an empty array while there is nothing
+        # to report.  aws.md §3.4 marks "[ ]" UNCERTAIN (one 404 was seen, during a spot
+        # interruption), but cloud-init crawls every listed meta-data leaf at each boot and
+        # gives up on a 404 on AWS, so the real service must answer 200 there.
         for name, entries in (("history", history), ("scheduled", scheduled)):
-            if entries:
+            if entries or name not in maintenance:
                 maintenance[name] = aws_json(entries)
-            else:
-                maintenance.setdefault(name, _Computed(lambda: None))
         ev["maintenance"] = maintenance
         if rebalance is not None and now >= rebalance:
             ev["recommendations"] = {"rebalance": json.dumps(

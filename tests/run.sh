@@ -78,6 +78,33 @@ install_apt_packages() {
   "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
+# cloud-init's EC2 datasource, the first reader of a booting instance's metadata, is a
+# test client too. It is unpacked from Debian's package, not installed: installed, it
+# would configure this machine at its next boot. Its Python dependencies are in the venv.
+cloud_init_dir="$repo_root/tests/.build/cloud-init"
+
+install_cloud_init() {
+  local version
+  version="$(apt-cache policy cloud-init 2>/dev/null | sed -n 's/^ *Candidate: //p')"
+  if [ -z "$version" ] || [ "$version" = "(none)" ]; then
+    # Images that drop the package lists after installing need them back.
+    if [ "$(id -u)" -eq 0 ]; then apt-get update -qq; else sudo apt-get update -qq; fi
+    version="$(apt-cache policy cloud-init | sed -n 's/^ *Candidate: //p')"
+  fi
+  if [ -f "$cloud_init_dir/.version" ] && [ "$(cat "$cloud_init_dir/.version")" = "$version" ]; then
+    return 0
+  fi
+  log "unpacking Debian's cloud-init $version into tests/.build/cloud-init"
+  local scratch
+  scratch="$(mktemp -d)"
+  chmod 0777 "$scratch"      # apt downloads as its own _apt user when it can
+  (cd "$scratch" && apt-get download -qq "cloud-init=$version" >/dev/null)
+  rm -rf "$cloud_init_dir"
+  dpkg-deb -x "$scratch"/cloud-init_*.deb "$cloud_init_dir"
+  rm -rf "$scratch"
+  printf '%s\n' "$version" >"$cloud_init_dir/.version"
+}
+
 venv_works() {
   [ -x "$venv_dir/bin/python" ] && "$venv_dir/bin/python" -c 'import sys' >/dev/null 2>&1
 }
@@ -112,6 +139,7 @@ install_node_modules() {
 timed "apt packages" install_apt_packages
 timed "python venv" install_python_requirements
 timed "node modules" install_node_modules
+timed "cloud-init" install_cloud_init
 
 status=0
 "$venv_dir/bin/python" -m pytest -q tests "$@" || status=$?

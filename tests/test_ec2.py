@@ -935,8 +935,10 @@ def test_spot_interruption_after_delay(ec2):
 def test_events_scheduled_at_runtime(ec2):
     server = ec2()
     assert get(server, "/latest/meta-data/events/recommendations/rebalance")[0] == 404
-    assert get(server, "/latest/meta-data/events/maintenance/scheduled")[0] == 404
+    # Listed on every instance, and an empty array (Jackson's "[ ]") while nothing is due.
     assert text(server, "/latest/meta-data/events/maintenance/") == "history\nscheduled"
+    assert text(server, "/latest/meta-data/events/maintenance/scheduled") == "[ ]"
+    assert text(server, "/latest/meta-data/events/maintenance/history") == "[ ]"
     assert get(server, "/latest/meta-data/autoscaling/target-lifecycle-state")[0] == 404
 
     server.flavor.schedule_event("rebalance", 0)
@@ -956,6 +958,15 @@ def test_events_scheduled_at_runtime(ec2):
     assert re.match(r"^\d{1,2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} GMT$", event["NotBefore"])
     assert text(server, "/latest/meta-data/autoscaling/target-lifecycle-state") == \
         "Warmed:Stopped"
+
+
+def test_scheduled_events_are_printed_as_imds_prints_them(ec2):
+    # The real capture (aws.md §3.4): "[ {" ... "} ]", members one per line as "key" : value.
+    server = ec2()
+    server.flavor.schedule_event("maintenance", 0, code="system-reboot", starts_in=60)
+    body = text(server, "/latest/meta-data/events/maintenance/scheduled")
+    assert body.startswith('[ {\n  "NotBefore" : "') and body.endswith('"\n} ]'), body
+    assert '\n  "Code" : "system-reboot",\n' in body
 
 
 def test_autoscaling_lifecycle_changes_at_its_time(ec2):
@@ -986,9 +997,9 @@ def test_a_maintenance_event_leaves_scheduled_when_it_ends(ec2):
     server = ec2(config={"ec2": {}, "mds": {"ec2": {"events": {"maintenance": [
         {"after": 0, "starts_in": 0, "duration": 1}]}}}})
     assert len(json.loads(text(server, "/latest/meta-data/events/maintenance/scheduled"))) == 1
-    assert get(server, "/latest/meta-data/events/maintenance/history")[0] == 404
+    assert json.loads(text(server, "/latest/meta-data/events/maintenance/history")) == []
     time.sleep(1.2)
-    assert get(server, "/latest/meta-data/events/maintenance/scheduled")[0] == 404
+    assert json.loads(text(server, "/latest/meta-data/events/maintenance/scheduled")) == []
     assert len(json.loads(text(server, "/latest/meta-data/events/maintenance/history"))) == 1
 
 

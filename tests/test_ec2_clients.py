@@ -1,7 +1,8 @@
 """Real AWS clients against the EC2 flavor: boto3/botocore (credential chain, IMDS region
 lookup, container provider), the AWS SDK for JavaScript v3 (fromInstanceMetadata,
 fromContainerMetadata, fromHttp), the AWS SDKs for Go v1 and v2 (IMDS clients, EC2 role
-and container credential providers) and the `ec2-metadata` package.
+and container credential providers), the `ec2-metadata` package and cloud-init's EC2
+datasource.
 
 Every client runs in a child process with an isolated environment (tests/clients.py) so that
 it sees only the server under test.
@@ -17,7 +18,7 @@ import pytest
 
 import clients
 import mds
-from clients import TESTS_DIR, require_path, run_node
+from clients import BUILD_DIR, TESTS_DIR, require_path, run_node, run_python
 
 CLIENT_TIMEOUT = 60
 
@@ -462,3 +463,54 @@ def served_document(server):
     body = conn.getresponse().read().decode()
     conn.close()
     return body
+
+
+# ---------------------------------------------------------------------------
+# cloud-init (Debian's, unpacked by tests/run.sh)
+# ---------------------------------------------------------------------------
+
+CLOUD_INIT_PACKAGES = os.path.join(BUILD_DIR, "cloud-init", "usr", "lib", "python3",
+                                   "dist-packages")
+
+
+def served_listing(server, path):
+    return served_imds(server, path).split("\n")
+
+
+@pytest.mark.parametrize("mode", ["default", "imdsv2-required", "with-events"])
+def test_cloud_init_crawls_the_whole_instance(ec2, client_env, mode):
+    # At boot cloud-init fetches every leaf listed under meta-data/ and, on AWS, drops the
+    # whole crawl (meta-data {}) if any of them fails: a listed leaf that 404s breaks it.
+    require_path(os.path.join(CLOUD_INIT_PACKAGES, "cloudinit"), "Debian's cloud-init")
+    config = {"ec2": {"user-data": "#cloud-config\nhostname: web-1\n",
+                      "meta-data": {"tags": {"instance": {"Name": "web-1"}},
+                                    "public-keys": {"deploy": "ssh-ed25519 AAAAC3 deploy"}}}}
+    server = ec2(config=config, imdsv2_required=(mode == "imdsv2-required"))
+    if mode == "with-events":
+        server.flavor.schedule_event("maintenance", 0, code="system-reboot", starts_in=600)
+        server.flavor.schedule_event("spot", 0, action="stop")
+        server.flavor.schedule_event("rebalance", 0)
+    env = client_env(server, PYTHONPATH=CLOUD_INIT_PACKAGES)
+    report = run_python("py_cloud_init_ec2.py", env, [server.url])
+    crawled = report["crawled"]
+    meta = crawled["meta-data"]
+    assert sorted(meta) == sorted(entry.rstrip("/") for entry in
+                                  served_listing(server, "meta-data/"))
+    assert meta["instance-id"] == served_imds(server, "meta-data/instance-id")
+    assert meta["tags"]["instance"]["Name"] == "web-1"
+    assert meta["public-keys"]["deploy"] == "ssh-ed25519 AAAAC3 deploy"
+    maintenance = meta["events"]["maintenance"]
+
+    def leaf_text(value):            # cloud-init hands a multi-line leaf back as its lines
+        return "\n".join(value) if isinstance(value, list) else value
+    scheduled = json.loads(leaf_text(maintenance["scheduled"]))
+    if mode == "with-events":
+        assert [event["Code"] for event in scheduled] == ["system-reboot"]
+        assert meta["spot"]["instance-action"]["action"] == "stop"
+        assert "noticeTime" in meta["events"]["recommendations"]["rebalance"]
+    else:
+        assert scheduled == [] and json.loads(maintenance["history"]) == []
+    assert crawled["user-data"] == config["ec2"]["user-data"]
+    document = crawled["dynamic"]["instance-identity"]["document"]
+    assert document["instanceId"] == meta["instance-id"]
+    assert report["warnings"] == []
