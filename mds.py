@@ -1880,7 +1880,12 @@ class Ec2Flavor(object):
             raise ConfigError('"mds"."ec2" settings must be an object')
         tree = _Ec2Tree()
         tree.started_at = self.server.started_at
-        tree.account_id = str(settings.get("account_id") or DEFAULT_ACCOUNT_ID)
+        tree.account_id = settings.get("account_id") or DEFAULT_ACCOUNT_ID
+        if isinstance(tree.account_id, int) and not isinstance(tree.account_id, bool):
+            tree.account_id = str(tree.account_id)   # 12 digits still; a lost 0 is refused
+        if not (isinstance(tree.account_id, str) and re.fullmatch(r"\d{12}", tree.account_id)):
+            raise ConfigError('"mds"."ec2"."account_id" must be text of 12 digits, like '
+                              '"123456789012" (not %s)' % json.dumps(tree.account_id)[:40])
         self._compile_settings(tree, settings)
         meta = section.get("meta-data") or {}
         if not isinstance(meta, dict):
@@ -1983,6 +1988,13 @@ class Ec2Flavor(object):
         tree.ecs_path = ecs.get("path") or ECS_CREDENTIALS_PATH
         if not isinstance(tree.ecs_path, str) or not tree.ecs_path.startswith("/"):
             raise ConfigError('"mds"."ec2"."ecs"."path" must be a path starting with "/"')
+        # The ECS path is matched before IMDS's own paths: one of those would be taken over,
+        # token check included.
+        first = [s for s in tree.ecs_path.split("/") if s][:1]
+        if not first or first[0] in EC2_API_VERSIONS:
+            raise ConfigError('"mds"."ec2"."ecs"."path" %s would hide the IMDS paths under '
+                              'it: choose one outside /latest/ and the dated versions'
+                              % json.dumps(tree.ecs_path)[:80])
         tree.ecs_auth_token = options.get("ecs_auth_token") or ecs.get("auth_token")
         if tree.ecs_auth_token is not None and not isinstance(tree.ecs_auth_token, str):
             raise ConfigError('"mds"."ec2"."ecs"."auth_token" must be text')
@@ -2092,7 +2104,7 @@ class Ec2Flavor(object):
             raise ConfigError("placement: availability-zone %s is not in region %s (clients "
                               "derive the region from the zone)" % (zone, region))
         tree.region = region
-        for key in ("local-ipv4", "public-ipv4", "mac", "instance-id"):
+        for key in ("local-ipv4", "public-ipv4", "mac", "instance-id", "local-hostname"):
             if meta.get(key) is not None and not isinstance(meta[key], str):
                 raise ConfigError('"meta-data"."%s" must be text (other values are derived '
                                   'from it)' % key)
@@ -2100,7 +2112,10 @@ class Ec2Flavor(object):
         public_ip = meta.get("public-ipv4", "203.0.113.25")
         mac = str(meta.get("mac") or "0e:1f:2a:3b:4c:5d")
         instance_id = str(meta.get("instance-id") or "i-0a1b2c3d4e5f67890")
-        local_host = "ip-%s.%s" % (local_ip.replace(".", "-"), _hostname_suffix(region))
+        # A configured local-hostname (resource-name hostnames) is also the host name and the
+        # interface's, as they agree on EC2.
+        local_host = meta.get("local-hostname") or "ip-%s.%s" % (
+            local_ip.replace(".", "-"), _hostname_suffix(region))
         public_host = ("ec2-%s.%s" % (str(public_ip).replace(".", "-"),
                                       _hostname_suffix(region, public=True))
                        if public_ip else None)

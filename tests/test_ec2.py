@@ -181,6 +181,14 @@ def test_a_document_without_an_ec2_section_is_refused(ec2):
     ({"ec2": {}, "mds": {"ec2": {"events": {"spot": {"notice": "soon"}}}}}, "notice"),
     ({"ec2": {"meta-data": {"local-ipv4": ["10.0.0.1", "10.0.0.2"]}}}, "local-ipv4"),
     ({"ec2": {"meta-data": {"public-keys": {"k": {"not": "a key"}}}}}, "public-keys"),
+    ({"ec2": {"meta-data": {"local-hostname": ["a", "b"]}}}, "local-hostname"),
+    ({"ec2": {}, "mds": {"ec2": {"account_id": {"a": 1}}}}, "account_id"),
+    ({"ec2": {}, "mds": {"ec2": {"account_id": "abc"}}}, "account_id"),
+    ({"ec2": {}, "mds": {"ec2": {"account_id": 12345678901}}}, "account_id"),   # a lost 0
+    # The ECS path is matched first: under an IMDS path it would take that path over.
+    ({"ec2": {}, "mds": {"ec2": {"ecs": {"path": "/latest/meta-data/instance-id"}}}}, "path"),
+    ({"ec2": {}, "mds": {"ec2": {"ecs": {"path": "/2021-07-15/x"}}}}, "path"),
+    ({"ec2": {}, "mds": {"ec2": {"ecs": {"path": "/"}}}}, "path"),
 ])
 def test_settings_that_would_break_requests_are_refused_when_loaded(ec2, config, words):
     # Each of these used to load and then answer 500 (or drop the connection) on requests.
@@ -202,6 +210,31 @@ def test_loose_but_meaningful_ec2_settings_are_understood(ec2):
     assert text(server, "/latest/meta-data/iam/security-credentials/") == "batch"
     action = json.loads(text(server, "/latest/meta-data/spot/instance-action"))
     assert 100 < mds.parse_imds_time(action["time"]) - time.time() <= 121
+
+
+def test_account_ids_keep_their_digits_everywhere(ec2):
+    for written in ("012345678901", 210987654321):
+        server = ec2(config={"ec2": {}, "mds": {"ec2": {"account_id": written}}})
+        account = str(written)
+        document = json.loads(text(server, "/latest/dynamic/instance-identity/document"))
+        assert document["accountId"] == account
+        info = json.loads(text(server, "/latest/meta-data/iam/info"))
+        assert info["InstanceProfileArn"].split(":")[4] == account
+        mac = text(server, "/latest/meta-data/mac")
+        assert text(server, "/latest/meta-data/network/interfaces/macs/%s/owner-id" % mac) \
+            == account
+
+
+def test_a_configured_local_hostname_is_the_hostname_everywhere(ec2):
+    # Resource-name hostnames: EC2 serves the same name as hostname, local-hostname and the
+    # interface's local-hostname.
+    name = "i-0a1b2c3d4e5f67890.us-west-2.compute.internal"
+    server = ec2(config={"ec2": {"meta-data": {"local-hostname": name}}})
+    mac = text(server, "/latest/meta-data/mac")
+    assert text(server, "/latest/meta-data/local-hostname") == name
+    assert text(server, "/latest/meta-data/hostname") == name
+    assert text(server, "/latest/meta-data/network/interfaces/macs/%s/local-hostname" % mac) \
+        == name
 
 
 def test_runtime_updates_address_list_elements_by_index(ec2):
