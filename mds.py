@@ -2642,6 +2642,11 @@ class Ec2Flavor(object):
         lines.append("ECS credentials: export AWS_CONTAINER_CREDENTIALS_FULL_URI=%s%s%s"
                      % (url, tree.ecs_path, " (plus AWS_CONTAINER_AUTHORIZATION_TOKEN)"
                         if tree.ecs_auth_token else ""))
+        if not _sdks_accept_container_host(self.server.authority.rsplit(":", 1)[0].strip("[]")):
+            lines.append("  (botocore and the JS SDK refuse an http FULL_URI on this address: "
+                         "only loopback, 169.254.170.2, 169.254.170.23 and fd00:ec2::23 are "
+                         "accepted; a second mds on 169.254.170.2:80 serves "
+                         "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI=%s)" % tree.ecs_path)
         for kind, value in sorted(tree.events.items()):
             if kind == "maintenance":
                 for at, _, entry in value:
@@ -2651,6 +2656,17 @@ class Ec2Flavor(object):
                 at = value[0] if isinstance(value, tuple) else value
                 lines.append("event %s at %s" % (kind, format_imds_time(at)))
         return lines
+
+
+def _sdks_accept_container_host(host):
+    """Whether the AWS SDKs take an http:// container-credentials URI on this host (botocore's
+    ContainerMetadataFetcher and the JS SDK's fromHttp allow only these without TLS)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host == "localhost"
+    return address.is_loopback or str(address) in ("169.254.170.2", "169.254.170.23",
+                                                   "fd00:ec2::23")
 
 
 def _for_clients(error):

@@ -465,6 +465,29 @@ def served_document(server):
     return body
 
 
+def test_the_ecs_startup_line_warns_where_botocore_would_refuse_the_uri(ec2):
+    # botocore takes an http:// FULL_URI only on a few hosts; where mds listens on another,
+    # the export line it prints would fail, and the startup log says so.
+    from botocore.utils import ContainerMetadataFetcher
+    fetcher = ContainerMetadataFetcher()
+    server = ec2()
+    bound = server.host
+    try:
+        for host in ("127.0.0.1", "127.3.4.5", "::1", "169.254.170.2", "169.254.170.23",
+                     "fd00:ec2::23", "169.254.169.254", "10.0.0.5", "192.168.1.7", "fd00::1"):
+            server.host = host                          # the printed URL derives from it
+            warned = any("refuse an http FULL_URI" in line
+                         for line in server.flavor.startup_lines())
+            try:
+                fetcher._validate_allowed_url(server.url + "/mds/ecs/credentials")
+                accepted = True
+            except ValueError:
+                accepted = False
+            assert warned == (not accepted), host
+    finally:
+        server.host = bound
+
+
 # ---------------------------------------------------------------------------
 # cloud-init (Debian's, unpacked by tests/run.sh)
 # ---------------------------------------------------------------------------
