@@ -316,6 +316,15 @@ def _event_time(spec, started_at, where):
     return _checked_moment(started_at + _event_seconds(spec, "after", 0, where), where)
 
 
+def _moved_by_flag(given, seconds):
+    """An event's settings with its time taken from a command-line flag ("--preempt-after
+    5s"): the flag wins over the config's "after" and "at"; of a list of windows it moves the
+    first and keeps the others."""
+    if isinstance(given, list) and given and isinstance(given[0], dict):
+        return [dict(given[0], after=seconds, at=None)] + given[1:]
+    return dict(given if isinstance(given, dict) else {}, after=seconds, at=None)
+
+
 def _event_seconds(spec, field, default, where):
     """A length of time in an event's settings; `where` names the event ("mds.events.x")."""
     try:
@@ -941,9 +950,7 @@ class GceFlavor:
         for name, option in (("preemption", "preempt_after"),
                              ("maintenance", "maintenance_event_after")):
             if self.server.options.get(option) is not None:
-                given = events.get(name)
-                events[name] = dict(given if isinstance(given, dict) else {},
-                                    after=self.server.options[option])
+                events[name] = _moved_by_flag(events.get(name), self.server.options[option])
         unknown = sorted(set(events) - {"preemption", "maintenance"})
         if unknown:
             raise ConfigError('unknown event(s) in "mds"."events": %s (expected preemption, '
@@ -1977,12 +1984,10 @@ class Ec2Flavor(object):
             if role is not None and role not in tree.roles:
                 tree.roles[role] = self._role_spec(role, {"source": "offline"})
         events = dict(settings.get("events") or {})
-        if options.get("spot_interruption_after") is not None:
-            events["spot"] = dict(events.get("spot") or {},
-                                  after=float(options["spot_interruption_after"]))
-        if options.get("rebalance_after") is not None:
-            events["rebalance"] = dict(events.get("rebalance") or {},
-                                       after=float(options["rebalance_after"]))
+        for name, option in (("spot", "spot_interruption_after"),
+                             ("rebalance", "rebalance_after")):
+            if options.get(option) is not None:
+                events[name] = _moved_by_flag(events.get(name), float(options[option]))
         tree.events = self._compile_events(events, tree.started_at)
         ecs = settings.get("ecs") or {}
         tree.ecs_path = ecs.get("path") or ECS_CREDENTIALS_PATH

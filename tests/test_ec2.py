@@ -1002,6 +1002,16 @@ def test_scheduled_events_are_printed_as_imds_prints_them(ec2):
     assert '\n  "Code" : "system-reboot",\n' in body
 
 
+def test_flags_move_configured_spot_and_rebalance_events(ec2):
+    # A flag wins over the config's "at", as over its "after".
+    server = ec2(config={"ec2": {}, "mds": {"ec2": {"events": {
+        "spot": {"at": "2030-01-01T00:00:00Z"}, "rebalance": {"at": "2030-01-01T00:00:00Z"}}}}},
+        spot_interruption_after=0, rebalance_after=0)
+    assert json.loads(text(server, "/latest/meta-data/spot/instance-action"))["action"]
+    assert "noticeTime" in json.loads(
+        text(server, "/latest/meta-data/events/recommendations/rebalance"))
+
+
 def test_autoscaling_lifecycle_changes_at_its_time(ec2):
     server = ec2(config={"ec2": {}, "mds": {"ec2": {"events": {
         "autoscaling": {"after": 1, "state": "Terminated"}}}}})

@@ -1170,6 +1170,22 @@ def test_options_schedule_events_like_the_command_line(mds_server_factory):
         b"TERMINATE_ON_HOST_MAINTENANCE"
 
 
+def test_a_flag_moves_a_configured_event_whatever_its_time_says(mds_server_factory):
+    # README: the flag overrides "after" or "at"; of several windows it moves the first.
+    server = mds_server_factory(
+        config={"mds": {"events": {
+            "preemption": {"at": "2030-01-01T00:00:00Z"},
+            "maintenance": [{"at": "2030-01-01T00:00:00Z", "duration": 600},
+                            {"at": "2031-01-01T00:00:00Z", "duration": 60,
+                             "event": "TERMINATE_ON_HOST_MAINTENANCE"}]}}},
+        options={"preempt_after": 0, "maintenance_event_after": 0})
+    assert get(server, V1 + "instance/preempted").body == b"TRUE"
+    assert get(server, V1 + "instance/maintenance-event").body != b"NONE"
+    timeline = [(round(start), value) for start, _, key, value in server.store.tree.events
+                if key == "maintenanceEvent"]
+    assert timeline[-1] == (1924992000, "TERMINATE_ON_HOST_MAINTENANCE")   # 2031 stays
+
+
 def test_cli_flags_schedule_events_and_the_log_says_when(tmp_path):
     cli = MdsCli(tmp_path, "--preempt-after", "1h", "--maintenance-event-after", "30m")
     try:
