@@ -1023,6 +1023,23 @@ class GceFlavor:
                 primary = address
         if entries and primary is None:
             primary = next(iter(entries))
+        if not isinstance(per_account, dict):
+            raise ConfigError('"mds"."serviceAccounts" must be an object keyed by e-mail')
+        per_account = dict(per_account)
+        if "default" in per_account and primary is not None:
+            # The primary account answers to "default" in URLs; its settings may too.
+            if primary in per_account:
+                raise ConfigError('"mds"."serviceAccounts" has settings under both "default" '
+                                  'and %s, the same account' % primary)
+            per_account[primary] = per_account.pop("default")
+        # Settings for an account the VM does not have would be dropped without a word (a
+        # typo in an e-mail leaves the real account offline).
+        unused = sorted(set(per_account) - set(entries))
+        if unused:
+            raise ConfigError('"mds"."serviceAccounts" has settings for %s, which %s not an '
+                              'account of the instance (its accounts: %s)'
+                              % (", ".join(unused), "is" if len(unused) == 1 else "are",
+                                 ", ".join(sorted(entries)) or "none"))
         accounts = {}
         for address, entry in entries.items():
             options = per_account.get(address) or {}

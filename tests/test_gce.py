@@ -1170,6 +1170,19 @@ def test_options_schedule_events_like_the_command_line(mds_server_factory):
         b"TERMINATE_ON_HOST_MAINTENANCE"
 
 
+def test_account_settings_name_an_account_by_email_or_default(mds_server_factory):
+    static = {"credentials": {"type": "static", "access_token": "ya29.from-settings"}}
+    server = mds_server_factory(config={"mds": {"serviceAccounts": {"default": static}}})
+    body = get(server, V1 + "instance/service-accounts/default/token").body
+    assert json.loads(body)["access_token"] == "ya29.from-settings"
+    email = get(server, V1 + "instance/service-accounts/default/email").body.decode()
+    for settings, words in (({"typo-" + email: static}, "typo-" + email),
+                            ({"default": static, email: static}, "both")):
+        with pytest.raises(mds.ConfigError) as caught:
+            mds_server_factory(config={"mds": {"serviceAccounts": settings}})
+        assert words in str(caught.value)
+
+
 def test_a_flag_moves_a_configured_event_whatever_its_time_says(mds_server_factory):
     # README: the flag overrides "after" or "at"; of several windows it moves the first.
     server = mds_server_factory(
