@@ -3465,6 +3465,13 @@ class _GoogleAuthResponse:
         self.data = data
 
 
+def _lower_headers(headers):
+    """Response headers as google-auth's own transports hand them over: a plain dict with
+    lower-case names.  Parts of google-auth index it by the lower-case name (the compute-engine
+    credentials read headers["content-type"]), so the server's own spelling would fail them."""
+    return {name.lower(): value for name, value in (headers or {}).items()}
+
+
 class GoogleAuthTransport:
     """A google-auth `transport.Request` built on urllib, so the google extra needs no
     `requests`. It also remembers the last refused answer, because google-auth's exceptions
@@ -3493,13 +3500,13 @@ class GoogleAuthTransport:
             raise google.auth.exceptions.TransportError(late.cause) from None
         try:
             with urllib.request.urlopen(request, timeout=wait) as response:
-                return _GoogleAuthResponse(response.status, dict(response.headers.items()),
+                return _GoogleAuthResponse(response.status, _lower_headers(response.headers),
                                            response.read())
         except urllib.error.HTTPError as exc:
             data = exc.read() if exc.fp is not None else b""
             self.last_error_status = exc.code
             self.last_error_body = data
-            return _GoogleAuthResponse(exc.code, dict(exc.headers.items()), data)
+            return _GoogleAuthResponse(exc.code, _lower_headers(exc.headers), data)
         except Exception as exc:  # urllib raises a zoo of OSError/HTTPException subclasses
             self.last_error_status = None
             raise google.auth.exceptions.TransportError("network error reaching %s: %s" % (

@@ -486,6 +486,48 @@ def test_impersonation_uses_application_default_credentials(fake, tmp_path, monk
     assert fake.count("iam:generateAccessToken") == 3
 
 
+@pytest.fixture
+def metadata_server_adc(fake, tmp_path, monkeypatch, mds_server_factory):
+    """Application Default Credentials that are a metadata server's, as on a VM: a second mds
+    plays the VM's server, serving the tokens of its account (from a key file the fake knows).
+    google-auth read GCE_METADATA_HOST when it was imported, so its copy is redirected."""
+    from google.auth.compute_engine import _metadata
+
+    vm_key, vm_account = fake.write_key_file(tmp_path, email="vm@fake-project.mds-test.example")
+    vm = mds_server_factory(config=vm_document(
+        {vm_account.email: ([CLOUD_PLATFORM], {"type": "key-file", "path": vm_key})}))
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "no-gcloud"))
+    for name, value in vm.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(_metadata, "_GCE_METADATA_HOST", vm.authority)
+    return vm
+
+
+def test_impersonation_with_a_metadata_servers_credentials(fake, metadata_server_adc,
+                                                           mds_server_factory):
+    """mds on a VM (or GKE, Cloud Run, beside another mds): google-auth's compute-engine
+    credentials are the source, and they read the token answer's headers by lower-case name."""
+    target = fake.add_service_account("target@fake-project.mds-test.example")
+    server = mds_server_factory(config=vm_document({target.email: (
+        [CLOUD_PLATFORM], {"type": "impersonate", "iam_endpoint": fake.url})}))
+    source = server.store.tree.accounts["default"].source
+    assert type(source._source).__module__ == "google.auth.compute_engine.credentials"
+    status, body = metadata_get(server, "instance/service-accounts/default/token",
+                                {"scopes": STORAGE_READ})
+    assert status == 200, body
+    assert fake.issued_tokens[json.loads(body)["access_token"]] == {
+        "principal": target.email, "scopes": [STORAGE_READ]}
+    # The VM's server minted the source token from its key, once, and IAM accepted it.
+    assert fake.count("token:jwt-bearer") == 1
+    assert fake.count("iam:generateAccessToken") == 1
+    status, body = metadata_get(server, "instance/service-accounts/default/identity",
+                                {"audience": AUDIENCE})
+    assert status == 200, body
+    assert verify_with_key(body, fake.google_key.public_key())[1]["email"] == target.email
+    assert fake.count("token:jwt-bearer") == 1
+
+
 def test_impersonation_id_token(fake, user_credentials):
     target = fake.add_service_account()
     source = mds.ImpersonatedSource(target.email, delegates=("chain@p.iam.gserviceaccount.com",),
