@@ -6543,11 +6543,15 @@ class MetadataServer:
             if options.get("keyId") and not spec.get("key_id"):
                 spec["key_id"] = options["keyId"]
         key = (email_address, unique_id, canonical_json(spec) if spec else None)
+        # A key file rotated in place keeps its name, so the spec alone cannot tell that the
+        # source must be built anew: the files it reads are part of what it was built from.
+        stamps = _credential_file_stamps(spec)
         with self._sources_guard:
-            source = self._sources.get(key)
-            if source is None:
-                source = self._sources[key] = self._build_source(email_address, spec, unique_id)
-            return source
+            held = self._sources.get(key)
+            if held is None or held[0] != stamps:
+                held = self._sources[key] = (
+                    stamps, self._build_source(email_address, spec, unique_id))
+            return held[1]
 
     def _build_source(self, email_address, spec, unique_id):
         if not spec or spec.get("type") in (None, "offline"):
@@ -6626,6 +6630,38 @@ def _finite_float(text):
     if not math.isfinite(value):
         raise ValueError("%s is too large for a JSON number" % text)
     return value
+
+
+def _file_stamp(path):
+    """What changes when a file is rewritten or replaced (in place or by a rename)."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _adc_file_paths(environ=None):
+    """The files google-auth reads Application Default Credentials from, most specific first."""
+    environ = os.environ if environ is None else environ
+    config = environ.get("CLOUDSDK_CONFIG") or (
+        os.path.join(environ.get("APPDATA") or "", "gcloud") if os.name == "nt"
+        else os.path.join(os.path.expanduser("~"), ".config", "gcloud"))
+    return [path for path in (environ.get("GOOGLE_APPLICATION_CREDENTIALS"),
+                              os.path.join(config, "application_default_credentials.json"))
+            if path]
+
+
+def _credential_file_stamps(spec):
+    """Stamps of the files a credentials spec's source reads when it is built (a key file,
+    source credentials, a federation config, or the Application Default Credentials)."""
+    if not isinstance(spec, dict):
+        return ()
+    paths = [spec.get(field) for field in ("path", "key", "source_credentials_file", "config")]
+    if str(spec.get("type", "")) == "impersonate" and not spec.get("source_credentials_file"):
+        paths += _adc_file_paths()
+    return tuple((path, _file_stamp(path)) for path in paths
+                 if isinstance(path, (str, bytes, os.PathLike)) and path)
 
 
 def _resolve_credential_paths(document, base):

@@ -1128,6 +1128,49 @@ def test_a_relative_key_path_is_read_from_the_configs_folder(fake, tmp_path,
     assert fake.issued_tokens[json.loads(body)["access_token"]]["principal"] == account.email
 
 
+def _rotate_key(fake, account, path):
+    """A new key for `account`, written over its key file in place; Google (the fake) now
+    refuses assertions signed by the old one."""
+    from cryptography.hazmat.primitives.asymmetric import rsa as rsa_keys
+
+    old_key_id = account.key_id
+    account.private_key = rsa_keys.generate_private_key(public_exponent=65537, key_size=2048)
+    account.key_id = "rotated-" + old_key_id[:20]
+    with open(path, "w") as handle:
+        json.dump(fake.service_account_key_info(account), handle)
+
+
+@pytest.mark.parametrize("kind", ["key-file", "impersonate"])
+def test_a_key_file_rotated_in_place_is_used_after_a_reload(fake, tmp_path, mds_server_factory,
+                                                            kind):
+    key_path, keyed = fake.write_key_file(tmp_path)
+    if kind == "key-file":
+        email, spec = keyed.email, {"type": "key-file", "path": key_path}
+    else:                 # the key is the impersonation's source credentials
+        email = fake.add_service_account().email
+        spec = {"type": "impersonate", "iam_endpoint": fake.url,
+                "source_credentials_file": key_path}
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(vm_document({email: ([CLOUD_PLATFORM], spec)})))
+    server = mds_server_factory(config=str(config), poll_interval=3600)
+    status, body = metadata_get(server, "instance/service-accounts/default/token")
+    assert status == 200, body
+    assert fake.count("token:jwt-bearer") == 1
+
+    _rotate_key(fake, keyed, key_path)
+    assert server.reload()
+    status, body = metadata_get(server, "instance/service-accounts/default/token",
+                                {"scopes": STORAGE_READ})
+    assert status == 200, body
+    assert fake.issued_tokens[json.loads(body)["access_token"]]["principal"] == email
+    assert fake.count("token:jwt-bearer") == 2
+    assert fake.last_assertion[0]["kid"] == keyed.key_id
+    # An unchanged file keeps its source (and the source its token) across reloads.
+    assert server.reload()
+    metadata_get(server, "instance/service-accounts/default/token", {"scopes": PUBSUB})
+    assert fake.count("token:jwt-bearer") == (3 if kind == "key-file" else 2)
+
+
 @pytest.fixture
 def client_server(fake, tmp_path, mds_server_factory):
     """A server whose primary account gets real (fake-)Google tokens from a key file."""
