@@ -3187,6 +3187,30 @@ def _attempt_timeout(timeout, deadline):
     return min(timeout, left)
 
 
+def _read_body(response, ends):
+    """The whole body of an http.client.HTTPResponse, read by time.monotonic() `ends`.
+
+    urllib's timeout bounds each socket operation, not the answer: a body that trickles in
+    a byte at a time never trips it.  So each read waits only for what is left of the time,
+    and the attempt fails (a transient _UpstreamFailure) once none is left."""
+    sock = getattr(getattr(getattr(response, "fp", None), "raw", None), "_sock", None)
+    chunks = []
+    while True:
+        left = ends - time.monotonic()
+        try:
+            if left <= 0:
+                raise socket.timeout()
+            if sock is not None:
+                sock.settimeout(left)
+            chunk = response.read1(65536)
+        except socket.timeout:
+            raise _UpstreamFailure("timed out: the answer was still arriving when the time "
+                                   "for one attempt ran out", True, 502) from None
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
 def _with_retries(what, retry_delays, attempt, deadline=None):
     """`attempt()` until it returns; a transient _UpstreamFailure is retried after each delay
     in `retry_delays` (with jitter) while `deadline` allows, and the last failure becomes a
@@ -3224,12 +3248,13 @@ def post_upstream(url, what, data, headers, describe_error, status_for, timeout=
 
     def attempt():
         wait = _attempt_timeout(timeout, deadline)
+        ends = time.monotonic() + wait
         try:
             request = urllib.request.Request(url, data=data, headers=headers, method="POST")
             with urllib.request.urlopen(request, timeout=wait, context=context) as response:
-                return response.read()
+                return _read_body(response, ends)
         except urllib.error.HTTPError as exc:
-            body = exc.read() if exc.fp is not None else b""
+            body = _read_body(exc.fp, ends) if exc.fp is not None else b""
             raise _UpstreamFailure(_redact(describe_error(exc.code, body), secrets=secrets),
                                    exc.code in _TRANSIENT_STATUSES, status_for(exc.code))
         except OSError as exc:                 # URLError, timeouts, refused and reset connections
@@ -3498,15 +3523,22 @@ class GoogleAuthTransport:
         except _UpstreamFailure as late:
             # google-auth retries some failures itself; none may outlast the mint's deadline.
             raise google.auth.exceptions.TransportError(late.cause) from None
+        ends = time.monotonic() + wait
         try:
-            with urllib.request.urlopen(request, timeout=wait) as response:
-                return _GoogleAuthResponse(response.status, _lower_headers(response.headers),
-                                           response.read())
-        except urllib.error.HTTPError as exc:
-            data = exc.read() if exc.fp is not None else b""
-            self.last_error_status = exc.code
-            self.last_error_body = data
-            return _GoogleAuthResponse(exc.code, _lower_headers(exc.headers), data)
+            try:
+                with urllib.request.urlopen(request, timeout=wait) as response:
+                    return _GoogleAuthResponse(response.status,
+                                               _lower_headers(response.headers),
+                                               _read_body(response, ends))
+            except urllib.error.HTTPError as exc:
+                data = _read_body(exc.fp, ends) if exc.fp is not None else b""
+                self.last_error_status = exc.code
+                self.last_error_body = data
+                return _GoogleAuthResponse(exc.code, _lower_headers(exc.headers), data)
+        except _UpstreamFailure as late:         # the answer did not arrive in time
+            self.last_error_status = None
+            raise google.auth.exceptions.TransportError("%s: %s" % (
+                _url_host(url), late.cause)) from None
         except Exception as exc:  # urllib raises a zoo of OSError/HTTPException subclasses
             self.last_error_status = None
             raise google.auth.exceptions.TransportError("network error reaching %s: %s" % (

@@ -321,6 +321,36 @@ def test_a_slow_google_gets_one_attempt_within_the_mint_deadline(fake, key_file,
     assert source.access_token((CLOUD_PLATFORM,)).value in fake.issued_tokens
 
 
+@pytest.mark.parametrize("kind", ["key-file", "impersonate"])
+def test_an_answer_that_trickles_in_ends_at_the_mint_deadline(fake, key_file, user_credentials,
+                                                              caplog, kind):
+    """Each byte arrives inside the socket timeout, so only a deadline on the whole answer
+    stops the wait: a 502 naming the endpoint, with one upstream call.  Key files read it
+    with mds's own POST, impersonation through google-auth's transport."""
+    caplog.set_level(logging.DEBUG)
+    if kind == "key-file":
+        source = mds.KeyFileSource(key_file[0], retry_delays=FAST_RETRIES, budget=1.0)
+        endpoint = "token:jwt-bearer"
+    else:
+        source = mds.ImpersonatedSource(fake.add_service_account().email,
+                                        source_credentials=user_credentials,
+                                        iam_endpoint_override=fake.url,
+                                        retry_delays=FAST_RETRIES, budget=1.0)
+        endpoint = "iam:generateAccessToken"
+    fake.fail_next(1, mode="trickle", endpoint=endpoint)
+    with pytest.raises(mds.CredentialError) as caught:
+        source.access_token((CLOUD_PLATFORM,))
+    message = str(caught.value)
+    assert caught.value.status == 502
+    assert "timed out" in message and "still arriving" in message, message
+    assert "no time left to retry" in message
+    assert "127.0.0.1:%d" % fake.port in message
+    assert fake.count(endpoint) == 1
+    assert_secret_free(message + caplog.text, *key_secrets(key_file[1]))
+    token = source.access_token((CLOUD_PLATFORM,))
+    assert token.value in fake.issued_tokens
+
+
 def _pem(key, fmt=serialization.PrivateFormat.PKCS8, password=None):
     encryption = (serialization.BestAvailableEncryption(password) if password
                   else serialization.NoEncryption())
