@@ -3558,6 +3558,8 @@ def _run_google_auth(action, what, timeout, retry_delays, deadline=None, secrets
     """Run `action(transport)` (a google-auth refresh), retrying transient failures and
     turning google-auth's exceptions into CredentialError without quoting secrets (those
     `secrets` the caller knows of included)."""
+    import subprocess
+
     import google.auth.exceptions
 
     def attempt():
@@ -3566,6 +3568,13 @@ def _run_google_auth(action, what, timeout, retry_delays, deadline=None, secrets
             return action(transport)
         except CredentialError:
             raise
+        except subprocess.TimeoutExpired as exc:
+            # A federation executable outlived the mint's time.  Its output may hold the
+            # subject token, so only the program is named.
+            program = exc.cmd[0] if isinstance(exc.cmd, (list, tuple)) and exc.cmd else exc.cmd
+            raise CredentialError("%s failed: the credential executable %s did not finish "
+                                  "in time (%.1f s)" % (what, _file_name(program), exc.timeout),
+                                  status=502) from None
         except google.auth.exceptions.GoogleAuthError as exc:
             # Only the message: google-auth puts the whole response body in args[1], and that
             # body can hold a token even when it was refused.
@@ -3756,6 +3765,31 @@ class ImpersonatedSource:
             deadline)
 
 
+def _deadline_bound_executable():
+    """google-auth's executable-sourced credentials, run for no longer than the mint has left.
+
+    google-auth lets the executable run for its timeout_millis (5 s to 2 minutes) whatever
+    the caller's deadline; cut short, a hanging executable costs a waiting client the budget
+    and a 502, as a hanging Google does.  A subclass, because google-auth builds its own
+    copies (scoped, and unimpersonated for the STS exchange) with `self.__class__`."""
+    import google.auth.pluggable
+
+    class Credentials(google.auth.pluggable.Credentials):
+        def retrieve_subject_token(self, request):
+            deadline = getattr(request, "deadline", None)
+            configured = self._credential_source_executable_timeout_millis
+            if deadline is None:
+                return super().retrieve_subject_token(request)
+            left = max(1, int((deadline - time.monotonic()) * 1000))
+            self._credential_source_executable_timeout_millis = min(configured, left)
+            try:
+                return super().retrieve_subject_token(request)
+            finally:
+                self._credential_source_executable_timeout_millis = configured
+
+    return Credentials
+
+
 class FederatedSource:
     """Tokens from workload identity federation: an external-account configuration
     (`gcloud iam workload-identity-pools create-cred-config`) whose subject token (file, URL
@@ -3821,7 +3855,7 @@ class FederatedSource:
             if str(source.get("environment_id", "")).startswith("aws"):
                 import google.auth.aws as kind
             elif "executable" in source:
-                import google.auth.pluggable as kind
+                kind = types.SimpleNamespace(Credentials=_deadline_bound_executable())
             else:
                 import google.auth.identity_pool as kind
             credentials = kind.Credentials.from_info(info)

@@ -809,6 +809,48 @@ def test_federation_failures(fake, tmp_path, caplog):
     assert "subject-token.jwt" in str(caught.value) or "File" in str(caught.value)
 
 
+@pytest.mark.parametrize("kind", ["access", "id"])
+def test_a_hanging_federation_executable_ends_at_the_mint_deadline(fake, tmp_path, monkeypatch,
+                                                                  caplog, kind):
+    """google-auth lets an executable run for its timeout_millis (here 30 s); the mint's own
+    deadline cuts it short, and the 502 names the program but never what it printed."""
+    monkeypatch.setenv("GOOGLE_EXTERNAL_ACCOUNT_ALLOW_EXECUTABLES", "1")
+    target = fake.add_service_account()
+    path, token_path = fake.write_external_account_file(tmp_path, impersonate=target.email)
+    subject_token = open(token_path).read()
+    script = tmp_path / "subject-token.sh"
+    script.write_text("#!/bin/sh\necho printed-by-the-executable\nexec sleep 30\n")
+    script.chmod(0o755)
+    config = json.loads(open(path).read())
+    config["credential_source"] = {"executable": {"command": str(script),
+                                                  "timeout_millis": 30000}}
+    source = mds.FederatedSource(config, retry_delays=FAST_RETRIES, budget=1.0)
+    caplog.set_level(logging.DEBUG)
+
+    def mint():
+        if kind == "access":
+            return source.access_token(())
+        return source.id_token("https://run.example.com")
+
+    with pytest.raises(mds.CredentialError) as caught:
+        mint()
+    message = str(caught.value)
+    assert caught.value.status == 502, message
+    assert "subject-token.sh did not finish in time" in message
+    assert "printed-by-the-executable" not in message + caplog.text
+    assert fake.count("sts") == 0
+    # An executable that answers in time is still run, with the time that is left.
+    script.write_text("#!/bin/sh\necho '%s'\n" % json.dumps({
+        "version": 1, "success": True, "token_type": "urn:ietf:params:oauth:token-type:jwt",
+        "id_token": subject_token, "expiration_time": int(time.time()) + 3600}))
+    token = mint()
+    if kind == "access":
+        assert fake.issued_tokens[token.value]["principal"] == target.email
+    else:
+        assert verify_with_key(token.value, fake.google_key.public_key())[1]["email"] == \
+            target.email
+
+
 def test_federation_rejects_non_external_account(tmp_path):
     path = tmp_path / "x.json"
     path.write_text(json.dumps({"type": "service_account"}))
