@@ -3671,6 +3671,12 @@ class ImpersonatedSource:
             source_credentials = self._load_source(google_auth, source_credentials_file)
         self._source = source_credentials
         self._source_view = None
+        # Compute-engine credentials fetch their tokens from a metadata server: this one
+        # (host:port), which the server checks is not itself.
+        self.metadata_host = None
+        if type(source_credentials).__module__.startswith("google.auth.compute_engine"):
+            metadata = sys.modules.get("google.auth.compute_engine._metadata")
+            self.metadata_host = getattr(metadata, "_GCE_METADATA_HOST", None)
 
     @staticmethod
     def _load_source(google_auth, path):
@@ -6632,11 +6638,37 @@ class MetadataServer:
             source = build_credential_source(spec, signer=signer, account_email=email_address)
         except CredentialError as exc:
             raise ConfigError("credentials for %s: %s" % (email_address, exc))
+        metadata_host = getattr(source, "metadata_host", None)
+        if metadata_host and self.serves_address(metadata_host):
+            # Its tokens would be asked of itself, for ever: each mint waits on another.
+            raise ConfigError(
+                "credentials for %s: the Application Default Credentials are this metadata "
+                "server itself (GCE_METADATA_HOST=%s in mds's own environment); set "
+                "GOOGLE_APPLICATION_CREDENTIALS or \"source_credentials_file\", run `gcloud "
+                "auth application-default login`, or start mds without GCE_METADATA_HOST"
+                % (email_address, metadata_host))
         source_email = getattr(source, "email", None)
         if source_email and source_email != email_address:
             raise ConfigError("the credentials configured for %s are for %s"
                               % (email_address, source_email))
         return source
+
+    def serves_address(self, authority):
+        """True when `authority` (host[:port], port 80 when absent) reaches this server."""
+        try:
+            parts = urllib.parse.urlsplit("//" + authority)
+            port, host = parts.port or 80, (parts.hostname or "").lower()
+        except ValueError:
+            return False
+        if port != self.port or not host:
+            return False
+        mine = self.host.lower().strip("[]")
+        if host == mine:
+            return True
+        addresses = _resolve(host, port)
+        if mine in ("", "0.0.0.0", "::"):
+            return any(_is_local_address(address) for address in addresses)
+        return bool(addresses & _resolve(mine, port))
 
     def offline(self):
         """True when some account's tokens are minted locally (Google would reject them)."""
@@ -6670,6 +6702,28 @@ class MetadataServer:
             if self._certificate is None or self._certificate[0] is not key:
                 self._certificate = (key, x509_self_signed(key, "mds metadata server signing key"))
             return self._certificate[1]
+
+
+def _resolve(host, port):
+    try:
+        return {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+    except (OSError, UnicodeError):
+        return set()
+
+
+def _is_local_address(address):
+    """True for an address of this machine: loopback, or one a socket can be bound to."""
+    try:
+        if ipaddress.ip_address(address.split("%")[0]).is_loopback:
+            return True
+    except ValueError:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as probe:
+            probe.bind((address, 0))
+        return True
+    except OSError:
+        return False
 
 
 def _check_depth(document, limit=None):

@@ -558,6 +558,40 @@ def test_impersonation_with_a_metadata_servers_credentials(fake, metadata_server
     assert fake.count("token:jwt-bearer") == 1
 
 
+def test_metadata_server_adc_that_are_this_server_are_refused(fake, tmp_path, monkeypatch,
+                                                              mds_server_factory, caplog):
+    """mds started in a shell that points GCE_METADATA_HOST at it, with no other ADC: google-auth
+    finds "a metadata server" - mds itself - and every impersonated mint would wait on one
+    asking mds again.  A reload adding such a source is refused, saying why."""
+    from google.auth.compute_engine import _metadata
+
+    target = fake.add_service_account("target@fake-project.mds-test.example")
+    document = vm_document({target.email: ([CLOUD_PLATFORM], None)})
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(document))
+    server = mds_server_factory(config=str(config), poll_interval=3600)
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "no-gcloud"))
+    for name, value in server.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(_metadata, "_GCE_METADATA_HOST", server.authority)
+    document["mds"]["serviceAccounts"][target.email]["credentials"] = {
+        "type": "impersonate", "iam_endpoint": fake.url}
+    config.write_text(json.dumps(document))
+    caplog.set_level(logging.WARNING)
+    assert not server.reload()
+    assert "Application Default Credentials are this metadata server itself" in caplog.text
+    assert "GOOGLE_APPLICATION_CREDENTIALS" in caplog.text
+    assert server.offline()               # the last good tree keeps serving
+    assert metadata_get(server, "instance/service-accounts/default/token")[0] == 200
+    assert fake.count() == 0
+    # Another address is another server: the same host on another port is not refused.
+    assert server.serves_address(server.authority)
+    assert server.serves_address("localhost:%d" % server.port)
+    assert not server.serves_address("127.0.0.1:%d" % (server.port + 1))
+    assert not server.serves_address("192.0.2.1:%d" % server.port)
+
+
 def test_impersonation_id_token(fake, user_credentials):
     target = fake.add_service_account()
     source = mds.ImpersonatedSource(target.email, delegates=("chain@p.iam.gserviceaccount.com",),
