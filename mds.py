@@ -2733,14 +2733,18 @@ class TokenCache:
     MAX_ENTRIES = 1000      # tokens, and failures; real clients use a handful of keys
     MAX_KEY_CHARS = 4096    # an audience or scope list this long is minted, not kept
 
-    def __init__(self, margin=300, refresh_ahead=600, clock=time.time):
+    def __init__(self, margin=300, refresh_ahead=600, clock=time.time, monotonic=None):
         self.margin = margin
         self.refresh_ahead = refresh_ahead
         self.clock = clock
+        # Expiries are wall-clock times (Google's), but a pause is a duration: on the wall
+        # clock, a clock step during a failing mint would stretch a 1 s back-off to hours or
+        # turn it into an hour's wait.  A test that sets one clock sets both.
+        self.monotonic = monotonic or (time.monotonic if clock is time.time else clock)
         self._tokens = {}          # key -> (token, usable until, refresh from)
         self._staged = {}          # key -> the same, fetched ahead of the swap
         self._locks = {}           # key -> [lock, users]: only while someone uses the key
-        self._failures = {}        # key -> (retry at, tries, exception)
+        self._failures = {}        # key -> (retry at (monotonic), tries, exception)
         self._refreshing = set()
         self._guard = threading.Lock()
         self._next_prune = 0.0
@@ -2773,7 +2777,7 @@ class TokenCache:
         entry = self._tokens.get(key)
         now = self.clock()
         if entry is not None and now <= entry[1]:
-            if now > entry[2] and key not in self._staged and self._may_try(key, now):
+            if now > entry[2] and key not in self._staged and self._may_try(key):
                 self._refresh_in_background(key, mint)
             return entry[0]
         if not cache:
@@ -2791,13 +2795,14 @@ class TokenCache:
             if staged is not None and now <= staged[1]:
                 self._tokens[key] = staged
                 return staged[0]
-            if not self._may_try(key, now):
+            if not self._may_try(key):
                 return self._fallback(token, now, self._failures[key][2])
+            started = self.monotonic()
             try:
                 fresh = _mint_checked(mint)
             except CredentialError as exc:
+                failure = self._record_failure(key, started, exc)
                 failed = self.clock()
-                failure = self._record_failure(key, now, failed, exc)
                 self._prune(failed)
                 return self._fallback(token, failed, failure)
             self._failures.pop(key, None)
@@ -2817,7 +2822,8 @@ class TokenCache:
         for key in [k for k, e in list(self._tokens.items()) if e[0].expiry <= now]:
             self._tokens.pop(key, None)
             self._staged.pop(key, None)
-        for key in [k for k, f in list(self._failures.items()) if f[0] <= now
+        ticks = self.monotonic()
+        for key in [k for k, f in list(self._failures.items()) if f[0] <= ticks
                     and k not in self._tokens]:
             self._failures.pop(key, None)
         if len(self._tokens) > self.MAX_ENTRIES:
@@ -2830,16 +2836,17 @@ class TokenCache:
             for key, _ in by_retry[:len(by_retry) - self.MAX_ENTRIES]:
                 self._failures.pop(key, None)
 
-    def _may_try(self, key, now):
+    def _may_try(self, key):
         failure = self._failures.get(key)
-        return failure is None or now >= failure[0]
+        return failure is None or self.monotonic() >= failure[0]
 
-    def _record_failure(self, key, started, failed, exc):
+    def _record_failure(self, key, started, exc):
         # Back off (1 s, 2 s, 4 s ... 30 s) so a dead upstream is not hammered, whether the
         # failed mint was a request's or a background refresh's; counted from the failure, and
         # never shorter than the failed mint took.  A mint that hung for its whole deadline is
         # then not restarted by the client retries queued behind it: they get its 502 and its
         # cause at once, inside their own short timeouts (google-auth and gcp-metadata: 3 s).
+        failed = self.monotonic()
         failure = self._failures.get(key)
         tries = failure[1] + 1 if failure else 1
         pause = max(min(30, 2 ** (tries - 1)), failed - started)
@@ -2864,12 +2871,12 @@ class TokenCache:
         def refresh():
             lock = self._acquire(key)
             try:
-                started = self.clock()
+                started = self.monotonic()
                 fresh = _mint_checked(mint)
                 self._staged[key] = self._entry(fresh, self.clock())
                 self._failures.pop(key, None)
             except CredentialError as exc:
-                self._record_failure(key, started, self.clock(), exc)
+                self._record_failure(key, started, exc)
                 log.warning("background token refresh failed (will retry): %s", exc)
             finally:
                 self._release(key, lock)

@@ -1021,6 +1021,48 @@ def test_unknown_credentials_type():
     assert "key-file" in str(caught.value) and "magic" in str(caught.value)
 
 
+class _SteppingClock:
+    """A settable clock."""
+
+    def __init__(self, now):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.mark.parametrize("step", [3 * 3600, -3600])
+def test_failure_backoff_is_timed_by_the_monotonic_clock(step):
+    """The wall clock steps (NTP, a suspended laptop) while a mint fails: a step forward
+    must not read as an hours-long failed mint, nor a step back as an hour still to wait.
+    Expiries stay on the wall clock."""
+    wall, ticks = _SteppingClock(1_700_000_000.0), _SteppingClock(500.0)
+    cache = mds.TokenCache(clock=wall, monotonic=ticks)
+    calls = []
+
+    def failing_mint():
+        calls.append(wall.now)
+        if len(calls) == 1:
+            wall.now += step                 # the step happens while the upstream is asked
+        ticks.now += 0.2
+        raise mds.CredentialError("upstream down", 502)
+
+    with pytest.raises(mds.CredentialError):
+        cache.get("key", failing_mint)
+    ticks.now += 0.5                          # inside the 1 s back-off: the failure again
+    with pytest.raises(mds.CredentialError):
+        cache.get("key", failing_mint)
+    assert len(calls) == 1
+    ticks.now += 0.6                          # past it: one more try
+    token = cache.get("key", lambda: mds.Token("fresh", wall.now + 3600))
+    assert token.value == "fresh"
+    assert cache.get("key", failing_mint).value == "fresh"
+    wall.now += 3600                          # expired on the wall clock: minted again
+    with pytest.raises(mds.CredentialError):
+        cache.get("key", failing_mint)
+    assert len(calls) == 2
+
+
 # ---------------------------------------------------------------- through mds.MetadataServer
 
 AUDIENCE = "https://creds-test.example/endpoint?x=1"
