@@ -6464,6 +6464,7 @@ class MetadataServer:
         try:
             # One reload at a time: the file stamp it records must be the file it published.
             with self._reload_guard:
+                before = getattr(self.store.tree, "accounts", None) or {}
                 document = self._prepare(self._read_config())
                 self.store.replace(document)
         except ConfigError as exc:
@@ -6471,6 +6472,13 @@ class MetadataServer:
             return False
         self.settings = document.get("mds") or {}
         log.info("reloaded %s", self.config_path)
+        # Offline tokens work locally and fail at Google: a switch to them must not be silent.
+        for name, account in (getattr(self.store.tree, "accounts", None) or {}).items():
+            was = before.get(name)
+            if name != "default" and isinstance(account.source, OfflineSource) and \
+                    was is not None and not isinstance(was.source, OfflineSource):
+                log.warning("%s now gets offline tokens (Google will reject them): the "
+                            "reloaded config gives it no credentials", name)
         return True
 
     def publish_due_events(self):
@@ -6633,6 +6641,13 @@ class MetadataServer:
             return held[1]
 
     def _build_source(self, email_address, spec, unique_id):
+        if isinstance(spec, dict) and spec and "type" not in spec:
+            # Offline tokens where real ones were meant would look like success until Google
+            # refused them: a misspelled or forgotten "type" is an error, not offline.
+            raise ConfigError("credentials for %s have no \"type\" (keys given: %s); expected "
+                              "one of: %s, offline" % (
+                                  email_address, ", ".join(sorted(map(str, spec))),
+                                  ", ".join(CREDENTIAL_SOURCE_TYPES)))
         if not spec or spec.get("type") in (None, "offline"):
             return OfflineSource(email_address, unique_id, self.signing_key)
         signer = None

@@ -1319,6 +1319,41 @@ def test_a_key_file_rotated_in_place_is_used_after_a_reload(fake, tmp_path, mds_
     assert fake.count("token:jwt-bearer") == (3 if kind == "key-file" else 2)
 
 
+def test_credentials_without_a_type_are_refused_and_going_offline_is_logged(
+        fake, tmp_path, mds_server_factory, caplog):
+    path, account = fake.write_key_file(tmp_path)
+    document = vm_document({account.email: ([CLOUD_PLATFORM], {"type": "key-file",
+                                                                 "path": path})})
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(document))
+    server = mds_server_factory(config=str(config), poll_interval=3600)
+    assert not server.offline()
+    caplog.set_level(logging.INFO)
+    settings = document["mds"]["serviceAccounts"][account.email]
+    for spec, seen in (({"path": path}, "path"), ({"Type": "key-file", "path": path},
+                                                  "Type, path")):
+        settings["credentials"] = spec
+        config.write_text(json.dumps(document))
+        caplog.clear()
+        assert not server.reload()
+        assert 'credentials for %s have no "type" (keys given: %s)' % (account.email, seen) \
+            in caplog.text
+        assert not server.offline()                  # the key file still serves
+        with pytest.raises(mds.ConfigError) as caught:
+            mds.MetadataServer(config=document)
+        assert account.email in str(caught.value) and seen in str(caught.value)
+    # Removing the credentials is allowed, but said out loud.
+    settings.pop("credentials")
+    config.write_text(json.dumps(document))
+    caplog.clear()
+    assert server.reload() and server.offline()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(account.email in w and "offline tokens" in w for w in warnings), warnings
+    caplog.clear()
+    assert server.reload()                           # offline before: nothing to say
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
 @pytest.fixture
 def client_server(fake, tmp_path, mds_server_factory):
     """A server whose primary account gets real (fake-)Google tokens from a key file."""
