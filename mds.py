@@ -4758,10 +4758,19 @@ def _read_ini(path):
     import configparser   # here, not at the top: only AWS profiles need it, and startup counts
     parser = configparser.RawConfigParser()
     try:
-        parser.read(path)
+        # UTF-8 whatever the locale says: the same file must mean the same keys everywhere.
+        parser.read(path, encoding="utf-8")
     except configparser.Error as error:
         raise CredentialError("cannot parse %s: %s" % (path, error.__class__.__name__),
                               status=500)
+    except UnicodeDecodeError:
+        # The undecodable bytes may be part of a key: the file is named, never quoted.
+        raise CredentialError("cannot read %s: it is not UTF-8 text" % _file_name(path),
+                              status=500) from None
+    except OSError as error:
+        raise CredentialError("cannot read %s: %s" % (_file_name(path),
+                                                     error.strerror or type(error).__name__),
+                              status=500) from None
     return parser
 
 
