@@ -5483,7 +5483,9 @@ def pem_decode(text, labels):
                 "with `openssl pkey -in key.pem -out plain.pem`")
         return label, _pem_body_to_der(label, body)
     if not found:
-        raise KeyFormatError("no PEM block found (expected -----BEGIN %s-----)" % labels[0])
+        # Not the armour line itself: quoted, it would read as a PEM block and be redacted.
+        raise KeyFormatError("no PEM block found (expected a \"BEGIN %s\" PEM block)"
+                             % labels[0])
     raise KeyFormatError("no PEM block labelled %s found (found: %s)"
                          % (" or ".join(labels), ", ".join(found)))
 
@@ -5739,7 +5741,7 @@ class RsaKey:
         if '"private_key"' in text:
             raise KeyFormatError("no PEM block found: this looks like a JSON key file; "
                                  "pass its private_key field")
-        raise KeyFormatError("no PEM block found (expected -----BEGIN PRIVATE KEY-----)")
+        raise KeyFormatError("no PEM block found (expected a \"BEGIN PRIVATE KEY\" PEM block)")
 
     @classmethod
     def generate(cls, bits=2048, public_exponent=65537):

@@ -390,6 +390,19 @@ def test_bad_key_files_fail_fast_with_a_clear_line(fake, tmp_path, caplog, broke
         assert_secret_free(message, *body[:3])
 
 
+@pytest.mark.parametrize("private_key", ["hello world", "bm90IGEga2V5" * 20])
+def test_a_key_without_a_pem_block_keeps_its_hint(fake, private_key):
+    """The hint says what the key should look like; redaction, which masks PEM blocks in
+    upstream text, must not turn mds's own hint into "[redacted]"."""
+    info = fake.service_account_key_info(fake.add_service_account())
+    info["private_key"] = private_key
+    with pytest.raises(mds.CredentialError) as caught:
+        mds.KeyFileSource(info)
+    message = str(caught.value)
+    assert 'no PEM block found (expected a "BEGIN PRIVATE KEY" PEM block)' in message, message
+    assert "[redacted]" not in message and private_key not in message
+
+
 def test_missing_key_file_names_the_path(tmp_path):
     with pytest.raises(mds.CredentialError) as caught:
         mds.KeyFileSource(str(tmp_path / "nope.json"))
