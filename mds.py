@@ -2800,14 +2800,18 @@ class TokenCache:
     MAX_ENTRIES = 1000      # tokens, and failures; real clients use a handful of keys
     MAX_KEY_CHARS = 4096    # an audience or scope list this long is minted, not kept
 
-    def __init__(self, margin=300, refresh_ahead=600, clock=time.time):
+    def __init__(self, margin=300, refresh_ahead=600, clock=time.time, monotonic=None):
         self.margin = margin
         self.refresh_ahead = refresh_ahead
         self.clock = clock
+        # Expiries are wall-clock times (Google's), but a pause is a duration: on the wall
+        # clock, a clock step during a failing mint would stretch a 1 s back-off to hours or
+        # turn it into an hour's wait.  A test that sets one clock sets both.
+        self.monotonic = monotonic or (time.monotonic if clock is time.time else clock)
         self._tokens = {}          # key -> (token, usable until, refresh from)
         self._staged = {}          # key -> the same, fetched ahead of the swap
         self._locks = {}           # key -> [lock, users]: only while someone uses the key
-        self._failures = {}        # key -> (retry at, tries, exception)
+        self._failures = {}        # key -> (retry at (monotonic), tries, exception)
         self._refreshing = set()
         self._guard = threading.Lock()
         self._next_prune = 0.0
@@ -2840,7 +2844,7 @@ class TokenCache:
         entry = self._tokens.get(key)
         now = self.clock()
         if entry is not None and now <= entry[1]:
-            if now > entry[2] and key not in self._staged and self._may_try(key, now):
+            if now > entry[2] and key not in self._staged and self._may_try(key):
                 self._refresh_in_background(key, mint)
             return entry[0]
         if not cache:
@@ -2858,13 +2862,14 @@ class TokenCache:
             if staged is not None and now <= staged[1]:
                 self._tokens[key] = staged
                 return staged[0]
-            if not self._may_try(key, now):
+            if not self._may_try(key):
                 return self._fallback(token, now, self._failures[key][2])
+            started = self.monotonic()
             try:
                 fresh = _mint_checked(mint)
             except CredentialError as exc:
+                failure = self._record_failure(key, started, exc)
                 failed = self.clock()
-                failure = self._record_failure(key, now, failed, exc)
                 self._prune(failed)
                 return self._fallback(token, failed, failure)
             self._failures.pop(key, None)
@@ -2884,7 +2889,8 @@ class TokenCache:
         for key in [k for k, e in list(self._tokens.items()) if e[0].expiry <= now]:
             self._tokens.pop(key, None)
             self._staged.pop(key, None)
-        for key in [k for k, f in list(self._failures.items()) if f[0] <= now
+        ticks = self.monotonic()
+        for key in [k for k, f in list(self._failures.items()) if f[0] <= ticks
                     and k not in self._tokens]:
             self._failures.pop(key, None)
         if len(self._tokens) > self.MAX_ENTRIES:
@@ -2897,16 +2903,17 @@ class TokenCache:
             for key, _ in by_retry[:len(by_retry) - self.MAX_ENTRIES]:
                 self._failures.pop(key, None)
 
-    def _may_try(self, key, now):
+    def _may_try(self, key):
         failure = self._failures.get(key)
-        return failure is None or now >= failure[0]
+        return failure is None or self.monotonic() >= failure[0]
 
-    def _record_failure(self, key, started, failed, exc):
+    def _record_failure(self, key, started, exc):
         # Back off (1 s, 2 s, 4 s ... 30 s) so a dead upstream is not hammered, whether the
         # failed mint was a request's or a background refresh's; counted from the failure, and
         # never shorter than the failed mint took.  A mint that hung for its whole deadline is
         # then not restarted by the client retries queued behind it: they get its 502 and its
         # cause at once, inside their own short timeouts (google-auth and gcp-metadata: 3 s).
+        failed = self.monotonic()
         failure = self._failures.get(key)
         tries = failure[1] + 1 if failure else 1
         pause = max(min(30, 2 ** (tries - 1)), failed - started)
@@ -2931,12 +2938,12 @@ class TokenCache:
         def refresh():
             lock = self._acquire(key)
             try:
-                started = self.clock()
+                started = self.monotonic()
                 fresh = _mint_checked(mint)
                 self._staged[key] = self._entry(fresh, self.clock())
                 self._failures.pop(key, None)
             except CredentialError as exc:
-                self._record_failure(key, started, self.clock(), exc)
+                self._record_failure(key, started, exc)
                 log.warning("background token refresh failed (will retry): %s", exc)
             finally:
                 self._release(key, lock)
@@ -3254,6 +3261,30 @@ def _attempt_timeout(timeout, deadline):
     return min(timeout, left)
 
 
+def _read_body(response, ends):
+    """The whole body of an http.client.HTTPResponse, read by time.monotonic() `ends`.
+
+    urllib's timeout bounds each socket operation, not the answer: a body that trickles in
+    a byte at a time never trips it.  So each read waits only for what is left of the time,
+    and the attempt fails (a transient _UpstreamFailure) once none is left."""
+    sock = getattr(getattr(getattr(response, "fp", None), "raw", None), "_sock", None)
+    chunks = []
+    while True:
+        left = ends - time.monotonic()
+        try:
+            if left <= 0:
+                raise socket.timeout()
+            if sock is not None:
+                sock.settimeout(left)
+            chunk = response.read1(65536)
+        except socket.timeout:
+            raise _UpstreamFailure("timed out: the answer was still arriving when the time "
+                                   "for one attempt ran out", True, 502) from None
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
 def _with_retries(what, retry_delays, attempt, deadline=None):
     """`attempt()` until it returns; a transient _UpstreamFailure is retried after each delay
     in `retry_delays` (with jitter) while `deadline` allows, and the last failure becomes a
@@ -3291,12 +3322,13 @@ def post_upstream(url, what, data, headers, describe_error, status_for, timeout=
 
     def attempt():
         wait = _attempt_timeout(timeout, deadline)
+        ends = time.monotonic() + wait
         try:
             request = urllib.request.Request(url, data=data, headers=headers, method="POST")
             with urllib.request.urlopen(request, timeout=wait, context=context) as response:
-                return response.read()
+                return _read_body(response, ends)
         except urllib.error.HTTPError as exc:
-            body = exc.read() if exc.fp is not None else b""
+            body = _read_body(exc.fp, ends) if exc.fp is not None else b""
             raise _UpstreamFailure(_redact(describe_error(exc.code, body), secrets=secrets),
                                    exc.code in _TRANSIENT_STATUSES, status_for(exc.code))
         except OSError as exc:                 # URLError, timeouts, refused and reset connections
@@ -3532,6 +3564,13 @@ class _GoogleAuthResponse:
         self.data = data
 
 
+def _lower_headers(headers):
+    """Response headers as google-auth's own transports hand them over: a plain dict with
+    lower-case names.  Parts of google-auth index it by the lower-case name (the compute-engine
+    credentials read headers["content-type"]), so the server's own spelling would fail them."""
+    return {name.lower(): value for name, value in (headers or {}).items()}
+
+
 class GoogleAuthTransport:
     """A google-auth `transport.Request` built on urllib, so the google extra needs no
     `requests`. It also remembers the last refused answer, because google-auth's exceptions
@@ -3558,15 +3597,22 @@ class GoogleAuthTransport:
         except _UpstreamFailure as late:
             # google-auth retries some failures itself; none may outlast the mint's deadline.
             raise google.auth.exceptions.TransportError(late.cause) from None
+        ends = time.monotonic() + wait
         try:
-            with urllib.request.urlopen(request, timeout=wait) as response:
-                return _GoogleAuthResponse(response.status, dict(response.headers.items()),
-                                           response.read())
-        except urllib.error.HTTPError as exc:
-            data = exc.read() if exc.fp is not None else b""
-            self.last_error_status = exc.code
-            self.last_error_body = data
-            return _GoogleAuthResponse(exc.code, dict(exc.headers.items()), data)
+            try:
+                with urllib.request.urlopen(request, timeout=wait) as response:
+                    return _GoogleAuthResponse(response.status,
+                                               _lower_headers(response.headers),
+                                               _read_body(response, ends))
+            except urllib.error.HTTPError as exc:
+                data = _read_body(exc.fp, ends) if exc.fp is not None else b""
+                self.last_error_status = exc.code
+                self.last_error_body = data
+                return _GoogleAuthResponse(exc.code, _lower_headers(exc.headers), data)
+        except _UpstreamFailure as late:         # the answer did not arrive in time
+            self.last_error_status = None
+            raise google.auth.exceptions.TransportError("%s: %s" % (
+                _url_host(url), late.cause)) from None
         except Exception as exc:  # urllib raises a zoo of OSError/HTTPException subclasses
             self.last_error_status = None
             raise google.auth.exceptions.TransportError("network error reaching %s: %s" % (
@@ -3586,6 +3632,8 @@ def _run_google_auth(action, what, timeout, retry_delays, deadline=None, secrets
     """Run `action(transport)` (a google-auth refresh), retrying transient failures and
     turning google-auth's exceptions into CredentialError without quoting secrets (those
     `secrets` the caller knows of included)."""
+    import subprocess
+
     import google.auth.exceptions
 
     def attempt():
@@ -3594,6 +3642,13 @@ def _run_google_auth(action, what, timeout, retry_delays, deadline=None, secrets
             return action(transport)
         except CredentialError:
             raise
+        except subprocess.TimeoutExpired as exc:
+            # A federation executable outlived the mint's time.  Its output may hold the
+            # subject token, so only the program is named.
+            program = exc.cmd[0] if isinstance(exc.cmd, (list, tuple)) and exc.cmd else exc.cmd
+            raise CredentialError("%s failed: the credential executable %s did not finish "
+                                  "in time (%.1f s)" % (what, _file_name(program), exc.timeout),
+                                  status=502) from None
         except google.auth.exceptions.GoogleAuthError as exc:
             # Only the message: google-auth puts the whole response body in args[1], and that
             # body can hold a token even when it was refused.
@@ -3690,6 +3745,12 @@ class ImpersonatedSource:
             source_credentials = self._load_source(google_auth, source_credentials_file)
         self._source = source_credentials
         self._source_view = None
+        # Compute-engine credentials fetch their tokens from a metadata server: this one
+        # (host:port), which the server checks is not itself.
+        self.metadata_host = None
+        if type(source_credentials).__module__.startswith("google.auth.compute_engine"):
+            metadata = sys.modules.get("google.auth.compute_engine._metadata")
+            self.metadata_host = getattr(metadata, "_GCE_METADATA_HOST", None)
 
     @staticmethod
     def _load_source(google_auth, path):
@@ -3784,6 +3845,31 @@ class ImpersonatedSource:
             deadline)
 
 
+def _deadline_bound_executable():
+    """google-auth's executable-sourced credentials, run for no longer than the mint has left.
+
+    google-auth lets the executable run for its timeout_millis (5 s to 2 minutes) whatever
+    the caller's deadline; cut short, a hanging executable costs a waiting client the budget
+    and a 502, as a hanging Google does.  A subclass, because google-auth builds its own
+    copies (scoped, and unimpersonated for the STS exchange) with `self.__class__`."""
+    import google.auth.pluggable
+
+    class Credentials(google.auth.pluggable.Credentials):
+        def retrieve_subject_token(self, request):
+            deadline = getattr(request, "deadline", None)
+            configured = self._credential_source_executable_timeout_millis
+            if deadline is None:
+                return super().retrieve_subject_token(request)
+            left = max(1, int((deadline - time.monotonic()) * 1000))
+            self._credential_source_executable_timeout_millis = min(configured, left)
+            try:
+                return super().retrieve_subject_token(request)
+            finally:
+                self._credential_source_executable_timeout_millis = configured
+
+    return Credentials
+
+
 class FederatedSource:
     """Tokens from workload identity federation: an external-account configuration
     (`gcloud iam workload-identity-pools create-cred-config`) whose subject token (file, URL
@@ -3849,7 +3935,7 @@ class FederatedSource:
             if str(source.get("environment_id", "")).startswith("aws"):
                 import google.auth.aws as kind
             elif "executable" in source:
-                import google.auth.pluggable as kind
+                kind = types.SimpleNamespace(Credentials=_deadline_bound_executable())
             else:
                 import google.auth.identity_pool as kind
             credentials = kind.Credentials.from_info(info)
@@ -4739,10 +4825,19 @@ def _read_ini(path):
     import configparser   # here, not at the top: only AWS profiles need it, and startup counts
     parser = configparser.RawConfigParser()
     try:
-        parser.read(path)
+        # UTF-8 whatever the locale says: the same file must mean the same keys everywhere.
+        parser.read(path, encoding="utf-8")
     except configparser.Error as error:
         raise CredentialError("cannot parse %s: %s" % (path, error.__class__.__name__),
                               status=500)
+    except UnicodeDecodeError:
+        # The undecodable bytes may be part of a key: the file is named, never quoted.
+        raise CredentialError("cannot read %s: it is not UTF-8 text" % _file_name(path),
+                              status=500) from None
+    except OSError as error:
+        raise CredentialError("cannot read %s: %s" % (_file_name(path),
+                                                     error.strerror or type(error).__name__),
+                              status=500) from None
     return parser
 
 
@@ -5455,7 +5550,9 @@ def pem_decode(text, labels):
                 "with `openssl pkey -in key.pem -out plain.pem`")
         return label, _pem_body_to_der(label, body)
     if not found:
-        raise KeyFormatError("no PEM block found (expected -----BEGIN %s-----)" % labels[0])
+        # Not the armour line itself: quoted, it would read as a PEM block and be redacted.
+        raise KeyFormatError("no PEM block found (expected a \"BEGIN %s\" PEM block)"
+                             % labels[0])
     raise KeyFormatError("no PEM block labelled %s found (found: %s)"
                          % (" or ".join(labels), ", ".join(found)))
 
@@ -5711,7 +5808,7 @@ class RsaKey:
         if '"private_key"' in text:
             raise KeyFormatError("no PEM block found: this looks like a JSON key file; "
                                  "pass its private_key field")
-        raise KeyFormatError("no PEM block found (expected -----BEGIN PRIVATE KEY-----)")
+        raise KeyFormatError("no PEM block found (expected a \"BEGIN PRIVATE KEY\" PEM block)")
 
     @classmethod
     def generate(cls, bits=2048, public_exponent=65537):
@@ -6445,6 +6542,7 @@ class MetadataServer:
         try:
             # One reload at a time: the file stamp it records must be the file it published.
             with self._reload_guard:
+                before = getattr(self.store.tree, "accounts", None) or {}
                 document = self._prepare(self._read_config())
                 self.store.replace(document)
         except ConfigError as exc:
@@ -6452,6 +6550,13 @@ class MetadataServer:
             return False
         self.settings = document.get("mds") or {}
         log.info("reloaded %s", self.config_path)
+        # Offline tokens work locally and fail at Google: a switch to them must not be silent.
+        for name, account in (getattr(self.store.tree, "accounts", None) or {}).items():
+            was = before.get(name)
+            if name != "default" and isinstance(account.source, OfflineSource) and \
+                    was is not None and not isinstance(was.source, OfflineSource):
+                log.warning("%s now gets offline tokens (Google will reject them): the "
+                            "reloaded config gives it no credentials", name)
         return True
 
     def publish_due_events(self):
@@ -6603,13 +6708,24 @@ class MetadataServer:
             if options.get("keyId") and not spec.get("key_id"):
                 spec["key_id"] = options["keyId"]
         key = (email_address, unique_id, canonical_json(spec) if spec else None)
+        # A key file rotated in place keeps its name, so the spec alone cannot tell that the
+        # source must be built anew: the files it reads are part of what it was built from.
+        stamps = _credential_file_stamps(spec)
         with self._sources_guard:
-            source = self._sources.get(key)
-            if source is None:
-                source = self._sources[key] = self._build_source(email_address, spec, unique_id)
-            return source
+            held = self._sources.get(key)
+            if held is None or held[0] != stamps:
+                held = self._sources[key] = (
+                    stamps, self._build_source(email_address, spec, unique_id))
+            return held[1]
 
     def _build_source(self, email_address, spec, unique_id):
+        if isinstance(spec, dict) and spec and "type" not in spec:
+            # Offline tokens where real ones were meant would look like success until Google
+            # refused them: a misspelled or forgotten "type" is an error, not offline.
+            raise ConfigError("credentials for %s have no \"type\" (keys given: %s); expected "
+                              "one of: %s, offline" % (
+                                  email_address, ", ".join(sorted(map(str, spec))),
+                                  ", ".join(CREDENTIAL_SOURCE_TYPES)))
         if not spec or spec.get("type") in (None, "offline"):
             return OfflineSource(email_address, unique_id, self.signing_key)
         signer = None
@@ -6622,11 +6738,37 @@ class MetadataServer:
             source = build_credential_source(spec, signer=signer, account_email=email_address)
         except CredentialError as exc:
             raise ConfigError("credentials for %s: %s" % (email_address, exc))
+        metadata_host = getattr(source, "metadata_host", None)
+        if metadata_host and self.serves_address(metadata_host):
+            # Its tokens would be asked of itself, for ever: each mint waits on another.
+            raise ConfigError(
+                "credentials for %s: the Application Default Credentials are this metadata "
+                "server itself (GCE_METADATA_HOST=%s in mds's own environment); set "
+                "GOOGLE_APPLICATION_CREDENTIALS or \"source_credentials_file\", run `gcloud "
+                "auth application-default login`, or start mds without GCE_METADATA_HOST"
+                % (email_address, metadata_host))
         source_email = getattr(source, "email", None)
         if source_email and source_email != email_address:
             raise ConfigError("the credentials configured for %s are for %s"
                               % (email_address, source_email))
         return source
+
+    def serves_address(self, authority):
+        """True when `authority` (host[:port], port 80 when absent) reaches this server."""
+        try:
+            parts = urllib.parse.urlsplit("//" + authority)
+            port, host = parts.port or 80, (parts.hostname or "").lower()
+        except ValueError:
+            return False
+        if port != self.port or not host:
+            return False
+        mine = self.host.lower().strip("[]")
+        if host == mine:
+            return True
+        addresses = _resolve(host, port)
+        if mine in ("", "0.0.0.0", "::"):
+            return any(_is_local_address(address) for address in addresses)
+        return bool(addresses & _resolve(mine, port))
 
     def offline(self):
         """True when some account's tokens are minted locally (Google would reject them)."""
@@ -6662,6 +6804,28 @@ class MetadataServer:
             return self._certificate[1]
 
 
+def _resolve(host, port):
+    try:
+        return {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+    except (OSError, UnicodeError):
+        return set()
+
+
+def _is_local_address(address):
+    """True for an address of this machine: loopback, or one a socket can be bound to."""
+    try:
+        if ipaddress.ip_address(address.split("%")[0]).is_loopback:
+            return True
+    except ValueError:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as probe:
+            probe.bind((address, 0))
+        return True
+    except OSError:
+        return False
+
+
 def _check_depth(document, limit=None):
     """Refuse a document nested deeper than MAX_DOCUMENT_DEPTH: compiling and serving it
     recurse, and on a handler thread's small stack (before Python 3.11) a deep enough
@@ -6686,6 +6850,38 @@ def _finite_float(text):
     if not math.isfinite(value):
         raise ValueError("%s is too large for a JSON number" % text)
     return value
+
+
+def _file_stamp(path):
+    """What changes when a file is rewritten or replaced (in place or by a rename)."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _adc_file_paths(environ=None):
+    """The files google-auth reads Application Default Credentials from, most specific first."""
+    environ = os.environ if environ is None else environ
+    config = environ.get("CLOUDSDK_CONFIG") or (
+        os.path.join(environ.get("APPDATA") or "", "gcloud") if os.name == "nt"
+        else os.path.join(os.path.expanduser("~"), ".config", "gcloud"))
+    return [path for path in (environ.get("GOOGLE_APPLICATION_CREDENTIALS"),
+                              os.path.join(config, "application_default_credentials.json"))
+            if path]
+
+
+def _credential_file_stamps(spec):
+    """Stamps of the files a credentials spec's source reads when it is built (a key file,
+    source credentials, a federation config, or the Application Default Credentials)."""
+    if not isinstance(spec, dict):
+        return ()
+    paths = [spec.get(field) for field in ("path", "key", "source_credentials_file", "config")]
+    if str(spec.get("type", "")) == "impersonate" and not spec.get("source_credentials_file"):
+        paths += _adc_file_paths()
+    return tuple((path, _file_stamp(path)) for path in paths
+                 if isinstance(path, (str, bytes, os.PathLike)) and path)
 
 
 def _resolve_credential_paths(document, base):

@@ -321,6 +321,36 @@ def test_a_slow_google_gets_one_attempt_within_the_mint_deadline(fake, key_file,
     assert source.access_token((CLOUD_PLATFORM,)).value in fake.issued_tokens
 
 
+@pytest.mark.parametrize("kind", ["key-file", "impersonate"])
+def test_an_answer_that_trickles_in_ends_at_the_mint_deadline(fake, key_file, user_credentials,
+                                                              caplog, kind):
+    """Each byte arrives inside the socket timeout, so only a deadline on the whole answer
+    stops the wait: a 502 naming the endpoint, with one upstream call.  Key files read it
+    with mds's own POST, impersonation through google-auth's transport."""
+    caplog.set_level(logging.DEBUG)
+    if kind == "key-file":
+        source = mds.KeyFileSource(key_file[0], retry_delays=FAST_RETRIES, budget=1.0)
+        endpoint = "token:jwt-bearer"
+    else:
+        source = mds.ImpersonatedSource(fake.add_service_account().email,
+                                        source_credentials=user_credentials,
+                                        iam_endpoint_override=fake.url,
+                                        retry_delays=FAST_RETRIES, budget=1.0)
+        endpoint = "iam:generateAccessToken"
+    fake.fail_next(1, mode="trickle", endpoint=endpoint)
+    with pytest.raises(mds.CredentialError) as caught:
+        source.access_token((CLOUD_PLATFORM,))
+    message = str(caught.value)
+    assert caught.value.status == 502
+    assert "timed out" in message and "still arriving" in message, message
+    assert "no time left to retry" in message
+    assert "127.0.0.1:%d" % fake.port in message
+    assert fake.count(endpoint) == 1
+    assert_secret_free(message + caplog.text, *key_secrets(key_file[1]))
+    token = source.access_token((CLOUD_PLATFORM,))
+    assert token.value in fake.issued_tokens
+
+
 def _pem(key, fmt=serialization.PrivateFormat.PKCS8, password=None):
     encryption = (serialization.BestAvailableEncryption(password) if password
                   else serialization.NoEncryption())
@@ -358,6 +388,19 @@ def test_bad_key_files_fail_fast_with_a_clear_line(fake, tmp_path, caplog, broke
     if isinstance(info.get("private_key"), str):
         body = [l for l in info["private_key"].splitlines() if "-----" not in l]
         assert_secret_free(message, *body[:3])
+
+
+@pytest.mark.parametrize("private_key", ["hello world", "bm90IGEga2V5" * 20])
+def test_a_key_without_a_pem_block_keeps_its_hint(fake, private_key):
+    """The hint says what the key should look like; redaction, which masks PEM blocks in
+    upstream text, must not turn mds's own hint into "[redacted]"."""
+    info = fake.service_account_key_info(fake.add_service_account())
+    info["private_key"] = private_key
+    with pytest.raises(mds.CredentialError) as caught:
+        mds.KeyFileSource(info)
+    message = str(caught.value)
+    assert 'no PEM block found (expected a "BEGIN PRIVATE KEY" PEM block)' in message, message
+    assert "[redacted]" not in message and private_key not in message
 
 
 def test_missing_key_file_names_the_path(tmp_path):
@@ -484,6 +527,82 @@ def test_impersonation_uses_application_default_credentials(fake, tmp_path, monk
     source.id_token("https://run.example.com")
     assert fake.count("token:jwt-bearer") == 1
     assert fake.count("iam:generateAccessToken") == 3
+
+
+@pytest.fixture
+def metadata_server_adc(fake, tmp_path, monkeypatch, mds_server_factory):
+    """Application Default Credentials that are a metadata server's, as on a VM: a second mds
+    plays the VM's server, serving the tokens of its account (from a key file the fake knows).
+    google-auth read GCE_METADATA_HOST when it was imported, so its copy is redirected."""
+    from google.auth.compute_engine import _metadata
+
+    vm_key, vm_account = fake.write_key_file(tmp_path, email="vm@fake-project.mds-test.example")
+    vm = mds_server_factory(config=vm_document(
+        {vm_account.email: ([CLOUD_PLATFORM], {"type": "key-file", "path": vm_key})}))
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "no-gcloud"))
+    for name, value in vm.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(_metadata, "_GCE_METADATA_HOST", vm.authority)
+    return vm
+
+
+def test_impersonation_with_a_metadata_servers_credentials(fake, metadata_server_adc,
+                                                           mds_server_factory):
+    """mds on a VM (or GKE, Cloud Run, beside another mds): google-auth's compute-engine
+    credentials are the source, and they read the token answer's headers by lower-case name."""
+    target = fake.add_service_account("target@fake-project.mds-test.example")
+    server = mds_server_factory(config=vm_document({target.email: (
+        [CLOUD_PLATFORM], {"type": "impersonate", "iam_endpoint": fake.url})}))
+    source = server.store.tree.accounts["default"].source
+    assert type(source._source).__module__ == "google.auth.compute_engine.credentials"
+    status, body = metadata_get(server, "instance/service-accounts/default/token",
+                                {"scopes": STORAGE_READ})
+    assert status == 200, body
+    assert fake.issued_tokens[json.loads(body)["access_token"]] == {
+        "principal": target.email, "scopes": [STORAGE_READ]}
+    # The VM's server minted the source token from its key, once, and IAM accepted it.
+    assert fake.count("token:jwt-bearer") == 1
+    assert fake.count("iam:generateAccessToken") == 1
+    status, body = metadata_get(server, "instance/service-accounts/default/identity",
+                                {"audience": AUDIENCE})
+    assert status == 200, body
+    assert verify_with_key(body, fake.google_key.public_key())[1]["email"] == target.email
+    assert fake.count("token:jwt-bearer") == 1
+
+
+def test_metadata_server_adc_that_are_this_server_are_refused(fake, tmp_path, monkeypatch,
+                                                              mds_server_factory, caplog):
+    """mds started in a shell that points GCE_METADATA_HOST at it, with no other ADC: google-auth
+    finds "a metadata server" - mds itself - and every impersonated mint would wait on one
+    asking mds again.  A reload adding such a source is refused, saying why."""
+    from google.auth.compute_engine import _metadata
+
+    target = fake.add_service_account("target@fake-project.mds-test.example")
+    document = vm_document({target.email: ([CLOUD_PLATFORM], None)})
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(document))
+    server = mds_server_factory(config=str(config), poll_interval=3600)
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "no-gcloud"))
+    for name, value in server.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(_metadata, "_GCE_METADATA_HOST", server.authority)
+    document["mds"]["serviceAccounts"][target.email]["credentials"] = {
+        "type": "impersonate", "iam_endpoint": fake.url}
+    config.write_text(json.dumps(document))
+    caplog.set_level(logging.WARNING)
+    assert not server.reload()
+    assert "Application Default Credentials are this metadata server itself" in caplog.text
+    assert "GOOGLE_APPLICATION_CREDENTIALS" in caplog.text
+    assert server.offline()               # the last good tree keeps serving
+    assert metadata_get(server, "instance/service-accounts/default/token")[0] == 200
+    assert fake.count() == 0
+    # Another address is another server: the same host on another port is not refused.
+    assert server.serves_address(server.authority)
+    assert server.serves_address("localhost:%d" % server.port)
+    assert not server.serves_address("127.0.0.1:%d" % (server.port + 1))
+    assert not server.serves_address("192.0.2.1:%d" % server.port)
 
 
 def test_impersonation_id_token(fake, user_credentials):
@@ -737,6 +856,48 @@ def test_federation_failures(fake, tmp_path, caplog):
     assert "subject-token.jwt" in str(caught.value) or "File" in str(caught.value)
 
 
+@pytest.mark.parametrize("kind", ["access", "id"])
+def test_a_hanging_federation_executable_ends_at_the_mint_deadline(fake, tmp_path, monkeypatch,
+                                                                  caplog, kind):
+    """google-auth lets an executable run for its timeout_millis (here 30 s); the mint's own
+    deadline cuts it short, and the 502 names the program but never what it printed."""
+    monkeypatch.setenv("GOOGLE_EXTERNAL_ACCOUNT_ALLOW_EXECUTABLES", "1")
+    target = fake.add_service_account()
+    path, token_path = fake.write_external_account_file(tmp_path, impersonate=target.email)
+    subject_token = open(token_path).read()
+    script = tmp_path / "subject-token.sh"
+    script.write_text("#!/bin/sh\necho printed-by-the-executable\nexec sleep 30\n")
+    script.chmod(0o755)
+    config = json.loads(open(path).read())
+    config["credential_source"] = {"executable": {"command": str(script),
+                                                  "timeout_millis": 30000}}
+    source = mds.FederatedSource(config, retry_delays=FAST_RETRIES, budget=1.0)
+    caplog.set_level(logging.DEBUG)
+
+    def mint():
+        if kind == "access":
+            return source.access_token(())
+        return source.id_token("https://run.example.com")
+
+    with pytest.raises(mds.CredentialError) as caught:
+        mint()
+    message = str(caught.value)
+    assert caught.value.status == 502, message
+    assert "subject-token.sh did not finish in time" in message
+    assert "printed-by-the-executable" not in message + caplog.text
+    assert fake.count("sts") == 0
+    # An executable that answers in time is still run, with the time that is left.
+    script.write_text("#!/bin/sh\necho '%s'\n" % json.dumps({
+        "version": 1, "success": True, "token_type": "urn:ietf:params:oauth:token-type:jwt",
+        "id_token": subject_token, "expiration_time": int(time.time()) + 3600}))
+    token = mint()
+    if kind == "access":
+        assert fake.issued_tokens[token.value]["principal"] == target.email
+    else:
+        assert verify_with_key(token.value, fake.google_key.public_key())[1]["email"] == \
+            target.email
+
+
 def test_federation_rejects_non_external_account(tmp_path):
     path = tmp_path / "x.json"
     path.write_text(json.dumps({"type": "service_account"}))
@@ -871,6 +1032,48 @@ def test_unknown_credentials_type():
     with pytest.raises(mds.CredentialError) as caught:
         mds.build_credential_source({"type": "magic"})
     assert "key-file" in str(caught.value) and "magic" in str(caught.value)
+
+
+class _SteppingClock:
+    """A settable clock."""
+
+    def __init__(self, now):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.mark.parametrize("step", [3 * 3600, -3600])
+def test_failure_backoff_is_timed_by_the_monotonic_clock(step):
+    """The wall clock steps (NTP, a suspended laptop) while a mint fails: a step forward
+    must not read as an hours-long failed mint, nor a step back as an hour still to wait.
+    Expiries stay on the wall clock."""
+    wall, ticks = _SteppingClock(1_700_000_000.0), _SteppingClock(500.0)
+    cache = mds.TokenCache(clock=wall, monotonic=ticks)
+    calls = []
+
+    def failing_mint():
+        calls.append(wall.now)
+        if len(calls) == 1:
+            wall.now += step                 # the step happens while the upstream is asked
+        ticks.now += 0.2
+        raise mds.CredentialError("upstream down", 502)
+
+    with pytest.raises(mds.CredentialError):
+        cache.get("key", failing_mint)
+    ticks.now += 0.5                          # inside the 1 s back-off: the failure again
+    with pytest.raises(mds.CredentialError):
+        cache.get("key", failing_mint)
+    assert len(calls) == 1
+    ticks.now += 0.6                          # past it: one more try
+    token = cache.get("key", lambda: mds.Token("fresh", wall.now + 3600))
+    assert token.value == "fresh"
+    assert cache.get("key", failing_mint).value == "fresh"
+    wall.now += 3600                          # expired on the wall clock: minted again
+    with pytest.raises(mds.CredentialError):
+        cache.get("key", failing_mint)
+    assert len(calls) == 2
 
 
 # ---------------------------------------------------------------- through mds.MetadataServer
@@ -1084,6 +1287,84 @@ def test_a_relative_key_path_is_read_from_the_configs_folder(fake, tmp_path,
     status, body = metadata_get(server, "instance/service-accounts/default/token")
     assert status == 200, body
     assert fake.issued_tokens[json.loads(body)["access_token"]]["principal"] == account.email
+
+
+def _rotate_key(fake, account, path):
+    """A new key for `account`, written over its key file in place; Google (the fake) now
+    refuses assertions signed by the old one."""
+    from cryptography.hazmat.primitives.asymmetric import rsa as rsa_keys
+
+    old_key_id = account.key_id
+    account.private_key = rsa_keys.generate_private_key(public_exponent=65537, key_size=2048)
+    account.key_id = "rotated-" + old_key_id[:20]
+    with open(path, "w") as handle:
+        json.dump(fake.service_account_key_info(account), handle)
+
+
+@pytest.mark.parametrize("kind", ["key-file", "impersonate"])
+def test_a_key_file_rotated_in_place_is_used_after_a_reload(fake, tmp_path, mds_server_factory,
+                                                            kind):
+    key_path, keyed = fake.write_key_file(tmp_path)
+    if kind == "key-file":
+        email, spec = keyed.email, {"type": "key-file", "path": key_path}
+    else:                 # the key is the impersonation's source credentials
+        email = fake.add_service_account().email
+        spec = {"type": "impersonate", "iam_endpoint": fake.url,
+                "source_credentials_file": key_path}
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(vm_document({email: ([CLOUD_PLATFORM], spec)})))
+    server = mds_server_factory(config=str(config), poll_interval=3600)
+    status, body = metadata_get(server, "instance/service-accounts/default/token")
+    assert status == 200, body
+    assert fake.count("token:jwt-bearer") == 1
+
+    _rotate_key(fake, keyed, key_path)
+    assert server.reload()
+    status, body = metadata_get(server, "instance/service-accounts/default/token",
+                                {"scopes": STORAGE_READ})
+    assert status == 200, body
+    assert fake.issued_tokens[json.loads(body)["access_token"]]["principal"] == email
+    assert fake.count("token:jwt-bearer") == 2
+    assert fake.last_assertion[0]["kid"] == keyed.key_id
+    # An unchanged file keeps its source (and the source its token) across reloads.
+    assert server.reload()
+    metadata_get(server, "instance/service-accounts/default/token", {"scopes": PUBSUB})
+    assert fake.count("token:jwt-bearer") == (3 if kind == "key-file" else 2)
+
+
+def test_credentials_without_a_type_are_refused_and_going_offline_is_logged(
+        fake, tmp_path, mds_server_factory, caplog):
+    path, account = fake.write_key_file(tmp_path)
+    document = vm_document({account.email: ([CLOUD_PLATFORM], {"type": "key-file",
+                                                                 "path": path})})
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(document))
+    server = mds_server_factory(config=str(config), poll_interval=3600)
+    assert not server.offline()
+    caplog.set_level(logging.INFO)
+    settings = document["mds"]["serviceAccounts"][account.email]
+    for spec, seen in (({"path": path}, "path"), ({"Type": "key-file", "path": path},
+                                                  "Type, path")):
+        settings["credentials"] = spec
+        config.write_text(json.dumps(document))
+        caplog.clear()
+        assert not server.reload()
+        assert 'credentials for %s have no "type" (keys given: %s)' % (account.email, seen) \
+            in caplog.text
+        assert not server.offline()                  # the key file still serves
+        with pytest.raises(mds.ConfigError) as caught:
+            mds.MetadataServer(config=document)
+        assert account.email in str(caught.value) and seen in str(caught.value)
+    # Removing the credentials is allowed, but said out loud.
+    settings.pop("credentials")
+    config.write_text(json.dumps(document))
+    caplog.clear()
+    assert server.reload() and server.offline()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(account.email in w and "offline tokens" in w for w in warnings), warnings
+    caplog.clear()
+    assert server.reload()                           # offline before: nothing to say
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
 @pytest.fixture

@@ -594,6 +594,26 @@ def test_missing_static_credentials_give_the_imds_error_form(ec2, monkeypatch, t
     assert any("unavailable" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("which", ["AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"])
+def test_a_credentials_file_that_is_not_utf8_gives_the_imds_error_form(ec2, monkeypatch,
+                                                                        tmp_path, which):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    latin1 = tmp_path / "latin1"
+    latin1.write_bytes(b"[default]\naws_access_key_id = AKIALATIN1\n"
+                       b"aws_secret_access_key = s\xe9cret-in-latin-1\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv(which, str(latin1))
+    server = ec2(static_credentials=True)
+    body = _credentials(server)                  # a 200 in the IMDS error form, not a 500
+    creds = json.loads(body)
+    assert creds["Code"] != "Success", creds
+    assert "%s: it is not UTF-8 text" % latin1 in creds["Message"]
+    assert "cret-in-latin" not in body and "Traceback" not in body
+    assert IMDS_TIME.match(creds["LastUpdated"])
+
+
 def test_source_key_and_region_resolution(tmp_path):
     config = tmp_path / "config"
     config.write_text("[default]\nregion = us-west-2\n\n[profile ops]\nregion = eu-north-1\n"
