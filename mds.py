@@ -6968,7 +6968,7 @@ def build_parser():
         "service account, the key id its \"keyId\" in the \"mds\" section")
     tpm.add_argument("--tpm", action="store_true",
                      help="sign the default account's tokens with a key held in a TPM")
-    tpm.add_argument("--tpm-path", default="/dev/tpmrm0", metavar="PATH",
+    tpm.add_argument("--tpm-path", metavar="PATH",
                      help="TPM device or TCTI: /dev/tpmrm0 (default), device:/dev/tpm0, "
                           "swtpm:host=127.0.0.1,port=2321, swtpm:path=/run/swtpm.sock")
     tpm.add_argument("--tpm-persistent-handle", type=lambda text: int(text, 0), metavar="HANDLE",
@@ -7001,6 +7001,11 @@ def credentials_from_args(args, environ=None):
     identity = {key: value for key, value in identity.items() if value}
     signer = None
     try:
+        if not args.tpm:
+            # Without --tpm they would be ignored, and the account silently offline.
+            stray = [name for name in TPM_OPTIONS if getattr(args, name, None) not in (None, False)]
+            if stray:
+                raise ConfigError("--%s needs --tpm" % stray[0].replace("_", "-"))
         if args.tpm:
             signer = TpmSigner.from_options(
                 tpm=True, tpm_path=args.tpm_path, tpm_persistent_handle=args.tpm_persistent_handle,
@@ -7022,9 +7027,11 @@ def credentials_from_args(args, environ=None):
 
 
 # Flags that configure Google credentials: meaningless for the EC2 flavor.
+TPM_OPTIONS = ("tpm_path", "tpm_persistent_handle", "tpm_key_file", "tpm_key_pass",
+               "tpm_parent_pass", "tpm_pcrs", "tpm_ek_parent", "tpm_session_encrypt_with_name")
 GOOGLE_CREDENTIAL_OPTIONS = ("service_account_file", "token_mode", "impersonate", "federate",
                              "access_token", "id_token", "project_id", "numeric_project_id",
-                             "service_account", "tpm")
+                             "service_account", "tpm") + TPM_OPTIONS
 
 
 def flavor_options_from_args(args):

@@ -166,6 +166,11 @@ def test_key_file_for_another_account_than_the_configs_fails_at_startup(tmp_path
     (["--preempt-after", "soon"], "not a duration"),
     (["--flavor", "ec2", "--access-token", "x"], "--access-token does not apply to --flavor ec2"),
     (["--flavor", "ec2", "--tpm", "--tpm-path", "/nonexistent"], "--tpm does not apply"),
+    (["--flavor", "ec2", "--tpm-pcrs", "23"], "--tpm-pcrs does not apply to --flavor ec2"),
+    # TPM details without --tpm would be ignored and the account left offline.
+    (["--tpm-key-file", "/nonexistent.tss.pem", "--tpm-key-pass", "x"],
+     "--tpm-key-file needs --tpm"),
+    (["--tpm-path", "swtpm:port=2321"], "--tpm-path needs --tpm"),
 ])
 def test_bad_startup_options_fail_with_one_clear_line(argv, reason):
     result = subprocess.run([sys.executable, MDS_PY, "--port", "0"] + argv,
