@@ -19,6 +19,7 @@ import threading
 import pytest
 
 import mds
+from clients import in_ci
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -26,7 +27,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.serialization import pkcs7
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
 def require_module(name):
@@ -34,7 +34,7 @@ def require_module(name):
     try:
         return __import__(name, fromlist=["_"])
     except ImportError:
-        if IN_CI:
+        if in_ci():
             pytest.fail("%s is required in CI" % name)
         pytest.skip("%s not installed" % name)
 
@@ -42,7 +42,7 @@ def require_module(name):
 def require_openssl():
     path = shutil.which("openssl")
     if path is None:
-        if IN_CI:
+        if in_ci():
             pytest.fail("the openssl CLI is required in CI")
         pytest.skip("openssl CLI not installed")
     return path

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from clients import stop_process
+from clients import in_ci, stop_process
 
 SWTPM_TOOLS = ("swtpm",)
 TPM2_TOOLS = ("tpm2_createprimary", "tpm2_import", "tpm2_load", "tpm2_evictcontrol",
@@ -32,7 +32,7 @@ H2_ATTRIBUTES = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda|rest
 
 def _missing(message):
     """In CI a missing tool is a failure (the CI script must install it); locally a skip."""
-    if os.environ.get("CI") == "true":
+    if in_ci():
         pytest.fail(message + " (CI=true: install it: %s)" % INSTALL_HINT)
     pytest.skip(message + " (install: %s)" % INSTALL_HINT)
 
