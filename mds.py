@@ -7082,7 +7082,8 @@ def main(argv=None):
         log.info("%s", line)
     if server.offline():
         log.warning("OFFLINE MODE: tokens are minted locally and Google will reject them; "
-                    "identity tokens verify against %s/oauth2/v3/certs", server.url)
+                    "identity tokens verify against %s/oauth2/v1/certs (PEM, what google-auth "
+                    "reads) or %s/oauth2/v3/certs (JWKS)", server.url, server.url)
     # One record, so the block arrives whole and can be pasted into a shell as it is.
     log.info("point clients at it with:\n%s", "\n".join(
         "export %s=%s" % item for item in server.env.items()))

@@ -7,12 +7,14 @@ import os
 import re
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 import mds
+from clients import MdsCli
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MDS_PY = os.path.join(REPO_ROOT, "mds.py")
@@ -179,3 +181,29 @@ def test_bad_startup_options_fail_with_one_clear_line(argv, reason):
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("mds: error:") and reason in last, result.stderr
+
+
+def test_the_startup_log_warns_of_offline_mode_and_its_verify_urls_work(tmp_path):
+    server = MdsCli(tmp_path)
+    try:
+        log = server.stderr()
+        token_path = V1 + "instance/service-accounts/default/identity?audience=log"
+        status, token = get(server, token_path)
+        assert status == 200
+        warning = [line for line in log.splitlines()
+                   if " WARNING " in line and "OFFLINE" in line]
+        assert len(warning) == 1, log
+        assert "Google will reject" in warning[0]
+        assert "config: built-in default" in log and "credentials " in log
+        assert "serving the gce metadata server at %s" % server.url in log
+        urls = re.findall(r"(http://\S+/oauth2/v[13]/certs)", warning[0])
+        assert sorted(url.rsplit("/", 2)[1] for url in urls) == ["v1", "v3"]
+        # google-auth verifies against the PEM URL the log names first.
+        from google.auth.transport.requests import Request
+        from google.oauth2 import id_token
+        claims = id_token.verify_token(token, Request(), audience="log", certs_url=urls[0])
+        assert claims["aud"] == "log"
+        keys = json.loads(urllib.request.urlopen(urls[1], timeout=10).read())["keys"]
+        assert [key["kid"] for key in keys]
+    finally:
+        server.stop()
