@@ -734,6 +734,7 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
 
 
 class _HTTPServer6(_HTTPServer):
+    """The same server on an IPv6 address (--host ::1, --host ::)."""
     address_family = socket.AF_INET6
 
 
@@ -2647,6 +2648,16 @@ class Ec2Flavor(object):
                 spec = (existing if isinstance(existing, list) else [existing]) + [spec]
             self.server.update("mds/ec2/events/" + kind, spec)
 
+    def startup_warnings(self):
+        """Warnings for the startup log, as loud as the GCE flavor's offline one."""
+        tree = self.server.store.tree
+        offline = sorted(name for name, provider in tree.providers.items()
+                         if isinstance(provider, OfflineRoleCredentials))
+        if not offline:
+            return []
+        return ["OFFLINE MODE: the credentials of role%s %s are minted locally and AWS will "
+                "reject them" % ("s" if len(offline) > 1 else "", ", ".join(offline))]
+
     def startup_lines(self):
         """Lines for the startup log (no secrets)."""
         tree = self.server.store.tree
@@ -3811,6 +3822,8 @@ class ImpersonatedSource:
             outer = self
 
             class SharedSource(google.auth.credentials.Credentials):
+                """A copy google-auth may make freely: all of them refresh the one source."""
+
                 def refresh(self, request):
                     with outer._lock:
                         if not outer._source.valid:
@@ -5085,7 +5098,12 @@ class StaticRoleCredentials(object):
         return "static AWS credentials from %s" % (self._origin or "environment/profile")
 
     def start(self):
-        pass
+        # Keys are read at each request, so a fix needs no restart; but a missing profile or
+        # empty environment should show at startup, not at the first client's error.
+        try:
+            self._origin = self._load().origin
+        except CredentialError as error:
+            _ec2_log.warning("static AWS credentials are not usable yet: %s", error)
 
     def stop(self, wait=True):
         pass
@@ -6931,8 +6949,9 @@ def build_parser():
         "Google credentials (for the default service account; per-account sources go in the "
         "config's \"mds\" section). Without any of these, tokens are minted offline.")
     google.add_argument("--signing-key", metavar="PEM",
-                        help="RSA private key (PEM) that signs offline identity tokens; default:"
-                             " a key generated at startup")
+                        help="RSA private key (PEM) that signs offline identity tokens (with "
+                             "--flavor ec2: the instance identity document); default: a key "
+                             "generated at startup")
     google.add_argument("--service-account-file", metavar="FILE",
                         help="service-account key JSON: tokens from Google via the JWT-bearer "
                              "grant (honours ?scopes=); email and project are taken from it "
@@ -7084,6 +7103,8 @@ def main(argv=None):
         log.warning("OFFLINE MODE: tokens are minted locally and Google will reject them; "
                     "identity tokens verify against %s/oauth2/v1/certs (PEM, what google-auth "
                     "reads) or %s/oauth2/v3/certs (JWKS)", server.url, server.url)
+    for line in getattr(server.flavor, "startup_warnings", lambda: [])():
+        log.warning("%s", line)
     # One record, so the block arrives whole and can be pasted into a shell as it is.
     log.info("point clients at it with:\n%s", "\n".join(
         "export %s=%s" % item for item in server.env.items()))

@@ -585,7 +585,12 @@ def test_missing_static_credentials_give_the_imds_error_form(ec2, monkeypatch, t
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
-    server = ec2(static_credentials=True)
+    with caplog.at_level("WARNING"):
+        server = ec2(static_credentials=True)
+    # Said at startup, before any client asks.
+    assert any("not usable yet" in r.getMessage() and "no AWS source credentials"
+               in r.getMessage() for r in caplog.records), caplog.records
+    caplog.clear()
     with caplog.at_level("WARNING"):
         creds = json.loads(_credentials(server))
     assert creds["Code"] != "Success"
@@ -1274,6 +1279,9 @@ def test_command_line_ec2_server(tmp_path):
         assert endpoint, "no export line in:\n" + "".join(lines)
         output = "".join(lines)
         assert "IMDSv2 required" in output
+        # As loud as the GCE flavor: the role's keys are fake.
+        assert re.search(r" WARNING OFFLINE MODE: .*role cli-role .*AWS will reject", output), \
+            output
         assert mds.EC2_CERTIFICATE_PATH in output
         port = int(re.search(r":(\d+)/$", endpoint).group(1))
 
