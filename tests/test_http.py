@@ -335,6 +335,25 @@ def test_unknown_methods_get_the_flavors_405(mds_server_factory, flavor, allow):
     assert allow + b"\r\n" in answer
 
 
+@pytest.mark.parametrize("flavor, path, head_status, get_status", [
+    ("gce", "/", b"200", b"200"),
+    ("gce", V1 + "project/project-id", b"405", b"200"),
+    ("ec2", "/latest/meta-data/instance-id", b"200", b"200"),
+    ("ec2", "/latest/meta-data/nope", b"404", b"404"),
+])
+def test_a_head_answer_has_no_body_so_the_next_answer_follows_its_headers(
+        mds_server_factory, flavor, path, head_status, get_status):
+    # http.client never reads a body after HEAD, so only the raw stream shows one: sent, it
+    # would be read as the start of the next answer on a keep-alive connection.
+    server = mds_server_factory(flavor=flavor)
+    request = (" %s HTTP/1.1\r\nHost: x\r\nMetadata-Flavor: Google\r\n" % path).encode()
+    answer = raw_exchange(server.port, b"HEAD" + request + b"\r\nGET" + request
+                          + b"Connection: close\r\n\r\n")
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 " + head_status), head
+    assert rest.startswith(b"HTTP/1.1 " + get_status), rest[:80]
+
+
 @pytest.mark.parametrize("request_line", [
     b"GET /" + b"a" * 70000 + b" HTTP/1.1",      # too long: 414
     b"GET / HTTP/2.0",                           # unsupported version: 505
