@@ -410,6 +410,10 @@ def test_a_bad_reload_keeps_the_last_good_tree_and_logs_why(file_server, config_
     assert text(file_server, "instance/attributes/dash-key") == "b"
     assert text(file_server, "instance/name") == "tree-vm"
     assert fetch(file_server, V1 + "?recursive=true").headers.get("ETag") == etag
+    # The document runtime updates edit is the good one too, not the refused text.
+    file_server.update("instance/attributes/after-refusal", "kept")
+    assert text(file_server, "instance/attributes/after-refusal") == "kept"
+    assert text(file_server, "instance/name") == "tree-vm"
     # The server is still alive to the next good edit.
     write_document(config_file, document_with_attribute("recovered"))
     file_server.request_reload()
