@@ -1372,6 +1372,22 @@ def test_a_failing_background_refresh_backs_off_like_a_failing_mint():
     assert len(calls) == 2
 
 
+def test_a_cached_token_still_valid_is_served_while_the_upstream_is_down():
+    clock = FakeClock()
+    cache = mds.TokenCache(clock=clock)
+    first = cache.get("key", CountingMint(clock))
+
+    def failing_mint():
+        raise mds.CredentialError("upstream down", 502)
+
+    clock.now = first.expiry - 200           # past the 5-minute mark: due for a new token
+    assert cache.get("key", failing_mint).value == first.value
+    clock.now = first.expiry - 30            # too close to expiry to hand out
+    with pytest.raises(mds.CredentialError) as failed:
+        cache.get("key", failing_mint)
+    assert failed.value.status == 502 and "upstream down" in str(failed.value)
+
+
 def test_a_mint_that_hung_is_not_restarted_for_as_long_as_it_took():
     """The back-off counts from when the mint failed and lasts at least as long as the mint
     took: client retries queued behind a mint that used its whole deadline get its failure
