@@ -1508,6 +1508,20 @@ def test_an_unexpected_mint_failure_is_a_500_that_backs_off():
     assert len(calls) == 1
 
 
+def test_an_unexpected_mint_failure_does_not_quote_tokens_it_carries():
+    # A library's own exception may carry what it was handling: the 500's text is redacted.
+    cache = mds.TokenCache(clock=FakeClock())
+    secret = "ya29.a0AfH6SMBsecretsecretsecretsecretsecret"
+
+    def broken():
+        raise KeyError({"access_token": secret, "id_token": "eyJhbGciOiJSUzI1NiJ9.eyJzdWIi.c2ln"})
+
+    with pytest.raises(mds.CredentialError) as failed:
+        cache.get("key", broken)
+    assert failed.value.status == 500 and "KeyError" in str(failed.value)
+    assert secret not in str(failed.value) and "eyJhbGciOiJSUzI1NiJ9" not in str(failed.value)
+
+
 def test_fifty_concurrent_cold_token_requests_mint_exactly_once(server):
     source = primary_source(server)
     original = source.access_token
