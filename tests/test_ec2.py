@@ -1216,6 +1216,15 @@ def test_ecs_endpoint_serves_the_role_credentials(ec2):
         "AWS_CONTAINER_CREDENTIALS_FULL_URI": server.url + mds.ECS_CREDENTIALS_PATH}
 
 
+def test_ecs_account_id_is_the_roles_account(ec2):
+    # A role may live in another account than the instance: AccountId follows its ARN.
+    arn = "arn:aws:iam::999988887777:role/cross"
+    server = ec2(config={"ec2": {}, "mds": {"ec2": {
+        "role": "cross", "roles": {"cross": {"source": "offline", "role_arn": arn}}}}})
+    creds = json.loads(get(server, mds.ECS_CREDENTIALS_PATH)[2])
+    assert (creds["RoleArn"], creds["AccountId"]) == (arn, "999988887777")
+
+
 def test_ecs_endpoint_authorization_token(ec2):
     server = ec2(ecs_auth_token="secret-token-123")
     status, _, body = get(server, mds.ECS_CREDENTIALS_PATH)
