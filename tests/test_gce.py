@@ -1631,10 +1631,12 @@ def test_full_identity_tokens_follow_a_reload(mds_server_factory, tmp_path):
     renamed = copy.deepcopy(DOCUMENT)
     renamed["computeMetadata"]["v1"]["instance"]["name"] = "vm-2"
     renamed["computeMetadata"]["v1"]["project"]["projectId"] = "other-proj"
+    renamed.setdefault("mds", {})["instanceCreationTimestamp"] = 1600000000
     config.write_text(json.dumps(renamed))
     assert server.reload()
     engine = jwt_parts(identity(server, "audience=a&format=full"))[1]["google"]["compute_engine"]
     assert (engine["project_id"], engine["instance_name"]) == ("other-proj", "vm-2")
+    assert engine["instance_creation_timestamp"] == 1600000000     # "mds" settings too
 
 
 @pytest.mark.parametrize("instance_changes, project_number, license_ids", [
