@@ -256,6 +256,9 @@ def test_redaction_keeps_endpoint_names_but_not_secrets_in_them():
     quoted = mds._redact('{"aud":"https://sts.googleapis.com","token":"ya29.a0AfH6secret"}')
     assert "https://sts.googleapis.com" in quoted and "a0AfH6secret" not in quoted
     assert "secret9" not in mds._redact("https://iam.googleapis.com,token=ya29.secret9")
+    # An OAuth client secret is shorter than the catch-all for long runs: its prefix names it.
+    client_secret = "GOCSPX-" + "aB3dE5fG7hI9jK1lM2nO4pQ6rS8t"
+    assert client_secret[7:] not in mds._redact("invalid_client: %s rejected" % client_secret)
     # A known secret is masked however it was encoded: percent-escapes in either case,
     # JSON string escapes.
     secret = "se+cr/et=\u00e9\"99"

@@ -509,6 +509,7 @@ def _credentials(server, role=None, **kwargs):
 
 
 def test_offline_credentials_json_exactly(ec2):
+    started = time.time()
     server = ec2()
     raw = _credentials(server)
     creds = json.loads(raw, object_pairs_hook=collections.OrderedDict)
@@ -523,6 +524,8 @@ def test_offline_credentials_json_exactly(ec2):
     assert IMDS_TIME.match(creds["Expiration"]) and IMDS_TIME.match(creds["LastUpdated"])
     left = mds.parse_imds_time(creds["Expiration"]) - time.time()
     assert left > 4 * 3600, "offline credentials must be valid for hours"
+    # When these keys were obtained: since the server started, and not in the future.
+    assert started - 1 <= mds.parse_imds_time(creds["LastUpdated"]) <= time.time()
     # Stable between requests within a rotation period.
     assert json.loads(_credentials(server))["AccessKeyId"] == creds["AccessKeyId"]
 

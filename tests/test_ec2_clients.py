@@ -18,6 +18,7 @@ import pytest
 
 import clients
 import mds
+from fake_sts import FakeSts
 from clients import BUILD_DIR, TESTS_DIR, require_path, run_node, run_python
 
 CLIENT_TIMEOUT = 60
@@ -177,6 +178,18 @@ def test_botocore_static_and_assume_role_sources(ec2, client_env, monkeypatch):
     report = run_python_code(BOTOCORE_CREDENTIALS, client_env(server))
     assert (report["access_key"], report["secret_key"], report["token"]) == (
         "AKIASERVERSIDE000001", "server-side-secret", "server-side-token")
+    # AssumeRole, signed with those keys, against a local STS: botocore gets the session STS
+    # issued, with no expiry warning.
+    monkeypatch.delenv("AWS_SESSION_TOKEN")
+    with FakeSts({"AKIASERVERSIDE000001": ("server-side-secret", None)},
+                 region="eu-central-1") as sts:
+        server = ec2(role_arn="arn:aws:iam::210987654321:role/app-role", sts_endpoint=sts.url,
+                     sts_region="eu-central-1")
+        report = run_python_code(BOTOCORE_CREDENTIALS, client_env(server))
+        assert "error" not in report, report
+        issued = sts.issued[-1]
+        assert (report["access_key"], report["secret_key"], report["token"]) == issued[:3]
+        assert report["method"] == "iam-role" and report["warnings"] == []
 
 
 def test_botocore_imds_region_lookup(ec2, client_env):
@@ -201,7 +214,8 @@ def test_botocore_container_provider(ec2, client_env):
     env["AWS_CONTAINER_AUTHORIZATION_TOKEN"] = "Bearer wrong"
     env["AWS_METADATA_SERVICE_NUM_ATTEMPTS"] = "1"
     report = run_python_code(BOTOCORE_CREDENTIALS, env)
-    assert "error" in report
+    # Refused for the token, not for anything else.
+    assert "403" in report["error"] and "AccessDenied" in report["error"], report
 
 
 def test_botocore_per_client_role_via_ecs_and_source_address(ec2, client_env):
@@ -261,6 +275,8 @@ def test_js_container_providers(ec2, client_env, provider):
     env["AWS_CONTAINER_AUTHORIZATION_TOKEN"] = "wrong"
     report = run_node("aws_container.js", env, [provider])
     assert not report["ok"]
+    # fromHttp names the status; fromContainerMetadata only says the service answered an error.
+    assert ("status: 403" if provider == "http" else "Error response") in report["error"], report
 
 
 # ---------------------------------------------------------------------------

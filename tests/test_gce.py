@@ -501,6 +501,9 @@ def test_alt_json_on_a_leaf_encodes_the_value(shared_server, path, value):
     reply = get(shared_server, V1 + path + "?alt=json")
     assert reply.media_type == "application/json"
     assert reply.json() == value
+    # The ETag is the node's, whatever form it is read in (spec §4.5): a waiter may pass the
+    # one it got with alt=json as last_etag of a plain read.
+    assert reply.header("ETag") == get(shared_server, V1 + path).header("ETag")
 
 
 def test_alt_text_on_a_leaf_is_the_plain_value(shared_server):
