@@ -100,6 +100,7 @@ install_cloud_init() {
   chmod 0777 "$scratch"      # apt downloads as its own _apt user when it can
   (cd "$scratch" && apt-get download -qq "cloud-init=$version" >/dev/null)
   rm -rf "$cloud_init_dir"
+  mkdir -p "$cloud_init_dir"
   dpkg-deb -x "$scratch"/cloud-init_*.deb "$cloud_init_dir"
   rm -rf "$scratch"
   printf '%s\n' "$version" >"$cloud_init_dir/.version"
