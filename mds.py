@@ -1041,6 +1041,10 @@ class GceFlavor:
                               'account of the instance (its accounts: %s)'
                               % (", ".join(unused), "is" if len(unused) == 1 else "are",
                                  ", ".join(sorted(entries)) or "none"))
+        for address, options in per_account.items():
+            if not isinstance(options, dict):
+                raise ConfigError('the settings of %s in "mds"."serviceAccounts" must be an '
+                                  'object, such as {"credentials": {...}}' % address)
         accounts = {}
         for address, entry in entries.items():
             options = per_account.get(address) or {}
@@ -6718,6 +6722,9 @@ class MetadataServer:
     def source_for(self, email_address, spec=None, account_options=None):
         """The credential source of an account, reused across reloads while its spec holds."""
         options = account_options or {}
+        if not isinstance(spec, (dict, type(None))):
+            raise ConfigError('the "credentials" of %s must be an object, such as '
+                              '{"type": "key-file", "path": "sa.json"}' % email_address)
         unique_id = str(options.get("uniqueId") or unique_id_for(email_address))
         if spec and spec.get("tpm"):
             # A TPM key carries no account data: the account's settings supply it.

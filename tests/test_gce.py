@@ -1179,7 +1179,9 @@ def test_account_settings_name_an_account_by_email_or_default(mds_server_factory
     assert json.loads(body)["access_token"] == "ya29.from-settings"
     email = get(server, V1 + "instance/service-accounts/default/email").body.decode()
     for settings, words in (({"typo-" + email: static}, "typo-" + email),
-                            ({"default": static, email: static}, "both")):
+                            ({"default": static, email: static}, "both"),
+                            ({email: {"credentials": "offline"}}, "must be an object"),
+                            ({email: ["not", "settings"]}, "must be an object")):
         with pytest.raises(mds.ConfigError) as caught:
             mds_server_factory(config={"mds": {"serviceAccounts": settings}})
         assert words in str(caught.value)
