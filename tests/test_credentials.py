@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 import mds
 from clients import run_go, run_node, run_python
 from fake_google import FakeGoogle, b64url_decode
+from test_gce import FakeClock
 
 CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
 STORAGE_READ = "https://www.googleapis.com/auth/devstorage.read_only"
@@ -1037,22 +1038,12 @@ def test_unknown_credentials_type():
     assert "key-file" in str(caught.value) and "magic" in str(caught.value)
 
 
-class _SteppingClock:
-    """A settable clock."""
-
-    def __init__(self, now):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-
 @pytest.mark.parametrize("step", [3 * 3600, -3600])
 def test_failure_backoff_is_timed_by_the_monotonic_clock(step):
     """The wall clock steps (NTP, a suspended laptop) while a mint fails: a step forward
     must not read as an hours-long failed mint, nor a step back as an hour still to wait.
     Expiries stay on the wall clock."""
-    wall, ticks = _SteppingClock(1_700_000_000.0), _SteppingClock(500.0)
+    wall, ticks = FakeClock(1_700_000_000.0), FakeClock(500.0)
     cache = mds.TokenCache(clock=wall, monotonic=ticks)
     calls = []
 
