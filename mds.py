@@ -2967,6 +2967,13 @@ class TokenCache:
 
         threading.Thread(target=refresh, name="mds-refresh", daemon=True).start()
 
+    def forget(self, unwanted):
+        """Drop every token and failure whose key `unwanted(key)` picks."""
+        with self._guard:
+            for table in (self._tokens, self._staged, self._failures):
+                for key in [k for k in list(table) if unwanted(k)]:
+                    table.pop(key, None)
+
 
 def _mint_checked(mint):
     """mint(), with any failure a CredentialError: a bug or an odd upstream answer must back
@@ -3276,28 +3283,99 @@ def _attempt_timeout(timeout, deadline):
     return min(timeout, left)
 
 
-def _read_body(response, ends):
-    """The whole body of an http.client.HTTPResponse, read by time.monotonic() `ends`.
+class _ExchangeDeadline:
+    """A bound on one whole upstream exchange: connection, TLS handshake, headers and body.
 
-    urllib's timeout bounds each socket operation, not the answer: a body that trickles in
-    a byte at a time never trips it.  So each read waits only for what is left of the time,
-    and the attempt fails (a transient _UpstreamFailure) once none is left."""
-    sock = getattr(getattr(getattr(response, "fp", None), "raw", None), "_sock", None)
-    chunks = []
-    while True:
-        left = ends - time.monotonic()
+    urllib's timeout bounds each socket operation, not the answer: headers or a body that
+    trickle in a byte at a time never trip it.  So a timer shuts the exchange's sockets down
+    when its time is up, which ends whatever read is waiting on them, and `fired` tells that
+    timeout from a failure of the upstream's own making."""
+
+    def __init__(self, ends):
+        self.fired = False
+        self._sockets = []
+        self._guard = threading.Lock()
+        self._timer = threading.Timer(max(0.0, ends - time.monotonic()), self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def watch(self, sock):
+        # A duplicate: an https connection detaches the socket it wraps in TLS, and shutting
+        # down either descriptor ends the connection for both.
+        with self._guard:
+            self._sockets.append(sock.dup())
+            if self.fired:
+                self._shut_down()
+
+    def _fire(self):
+        with self._guard:
+            self.fired = True
+            self._shut_down()
+
+    def _shut_down(self):
+        for sock in self._sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self):
+        self._timer.cancel()
+        with self._guard:
+            for sock in self._sockets:
+                sock.close()
+            self._sockets = []
+
+
+def _fetch_upstream(method, url, data, headers, ends, context=None):
+    """(status, headers, body) of one upstream exchange through urllib (so the proxy
+    variables hold), all of it by time.monotonic() `ends`.  An HTTP error status is an answer
+    here, not an exception.  Running out of time is a transient _UpstreamFailure; any other
+    failure is urllib's own OSError or http.client.HTTPException."""
+    import urllib.error     # here, not at the top: only upstream sources need them, and
+    import urllib.request   # every millisecond of startup counts
+
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
+    deadline = _ExchangeDeadline(ends)
+
+    class Connection(http.client.HTTPConnection):
+        def connect(self):
+            super().connect()
+            deadline.watch(self.sock)
+
+    # HTTPSConnection.connect wraps what Connection.connect made, so the socket is watched
+    # before the TLS handshake starts.
+    class TLSConnection(http.client.HTTPSConnection, Connection):
+        pass
+
+    class Handler(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(Connection, req)
+
+    class TLSHandler(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self.do_open(TLSConnection, req, context=context)
+
+    opener = urllib.request.build_opener(Handler(), TLSHandler(context=context))
+    try:
         try:
-            if left <= 0:
-                raise socket.timeout()
-            if sock is not None:
-                sock.settimeout(left)
-            chunk = response.read1(65536)
-        except socket.timeout:
-            raise _UpstreamFailure("timed out: the answer was still arriving when the time "
-                                   "for one attempt ran out", True, 502) from None
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
+            response = opener.open(request, timeout=max(0.01, ends - time.monotonic()))
+        except urllib.error.HTTPError as error:
+            if error.fp is None:
+                return error.code, error.headers, b""
+            response = error
+        with response:
+            answer = (response.getcode(), response.headers, response.read())
+    except (OSError, http.client.HTTPException):
+        if not deadline.fired:
+            raise
+        answer = None
+    finally:
+        deadline.close()
+    if deadline.fired:      # even a body that seemed whole: one ended by the cut-off is not
+        raise _UpstreamFailure("timed out: the answer was still arriving when the time for "
+                               "one attempt ran out", True, 502)
+    return answer
 
 
 def _with_retries(what, retry_delays, attempt, deadline=None):
@@ -3332,20 +3410,10 @@ def post_upstream(url, what, data, headers, describe_error, status_for, timeout=
     `describe_error(status, body)` words an HTTP error; `status_for(status)` is what the
     metadata endpoint answers for it; `secrets` are masked wherever they appear (_redact).
     """
-    import urllib.error     # here, not at the top: only upstream sources need them, and
-    import urllib.request   # every millisecond of startup counts
-
     def attempt():
-        wait = _attempt_timeout(timeout, deadline)
-        ends = time.monotonic() + wait
+        ends = time.monotonic() + _attempt_timeout(timeout, deadline)
         try:
-            request = urllib.request.Request(url, data=data, headers=headers, method="POST")
-            with urllib.request.urlopen(request, timeout=wait, context=context) as response:
-                return _read_body(response, ends)
-        except urllib.error.HTTPError as exc:
-            body = _read_body(exc.fp, ends) if exc.fp is not None else b""
-            raise _UpstreamFailure(_redact(describe_error(exc.code, body), secrets=secrets),
-                                   exc.code in _TRANSIENT_STATUSES, status_for(exc.code))
+            status, _, body = _fetch_upstream("POST", url, data, headers, ends, context)
         except OSError as exc:                 # URLError, timeouts, refused and reset connections
             raise _UpstreamFailure("network error, unreachable: %s"
                                    % _redact(getattr(exc, "reason", None) or exc,
@@ -3355,6 +3423,10 @@ def post_upstream(url, what, data, headers, describe_error, status_for, timeout=
         except ValueError:
             raise CredentialError("%s: %s is not a usable URL" % (what, _url_host(url)),
                                   status=500) from None
+        if status >= 400:
+            raise _UpstreamFailure(_redact(describe_error(status, body), secrets=secrets),
+                                   status in _TRANSIENT_STATUSES, status_for(status))
+        return body
 
     return _with_retries("%s: %s" % (what, _url_host(url)), retry_delays, attempt, deadline)
 
@@ -3599,31 +3671,21 @@ class GoogleAuthTransport:
 
     def __call__(self, url, method="GET", body=None, headers=None, timeout=None, **kwargs):
         import google.auth.exceptions
-        import urllib.error
-        import urllib.request
 
         self.last_error_status, self.last_error_body = None, b""   # this call's answer only
         if isinstance(body, str):
             body = body.encode("utf-8")
-        request = urllib.request.Request(url, data=body, headers=dict(headers or {}),
-                                         method=method)
         try:
             wait = _attempt_timeout(min(timeout or self.timeout, self.timeout), self.deadline)
         except _UpstreamFailure as late:
             # google-auth retries some failures itself; none may outlast the mint's deadline.
             raise google.auth.exceptions.TransportError(late.cause) from None
-        ends = time.monotonic() + wait
         try:
-            try:
-                with urllib.request.urlopen(request, timeout=wait) as response:
-                    return _GoogleAuthResponse(response.status,
-                                               _lower_headers(response.headers),
-                                               _read_body(response, ends))
-            except urllib.error.HTTPError as exc:
-                data = _read_body(exc.fp, ends) if exc.fp is not None else b""
-                self.last_error_status = exc.code
-                self.last_error_body = data
-                return _GoogleAuthResponse(exc.code, _lower_headers(exc.headers), data)
+            status, answer_headers, data = _fetch_upstream(
+                method, url, body, dict(headers or {}), time.monotonic() + wait)
+            if status >= 400:
+                self.last_error_status, self.last_error_body = status, data
+            return _GoogleAuthResponse(status, _lower_headers(answer_headers), data)
         except _UpstreamFailure as late:         # the answer did not arrive in time
             self.last_error_status = None
             raise google.auth.exceptions.TransportError("%s: %s" % (
@@ -3874,8 +3936,10 @@ def _deadline_bound_executable():
     class Credentials(google.auth.pluggable.Credentials):
         def retrieve_subject_token(self, request):
             deadline = getattr(request, "deadline", None)
-            configured = self._credential_source_executable_timeout_millis
-            if deadline is None:
+            # A private attribute of google-auth's: a release without it runs the executable
+            # for its own timeout, as google-auth itself would.
+            configured = getattr(self, "_credential_source_executable_timeout_millis", None)
+            if deadline is None or not isinstance(configured, int):
                 return super().retrieve_subject_token(request)
             left = max(1, int((deadline - time.monotonic()) * 1000))
             self._credential_source_executable_timeout_millis = min(configured, left)
@@ -6617,12 +6681,30 @@ class MetadataServer:
         never costs the last good tree (or the thread that watches the file)."""
         try:
             _check_depth(document)
-            return self.flavor.compile(document)
+            tree = self.flavor.compile(document)
         except ConfigError:
             raise
         except Exception as exc:
             raise ConfigError("the document cannot be served: %s: %s"
                               % (type(exc).__name__, exc)) from None
+        self._forget_sources_unused_by(tree)
+        return tree
+
+    def _forget_sources_unused_by(self, tree):
+        """Drop the sources (and their tokens) that no account of `tree` uses any more: a key
+        taken out of the config must not stay in memory for the life of the process."""
+        accounts = getattr(tree, "accounts", None)
+        if accounts is None:
+            return
+        used = {id(account.source) for account in accounts.values() if account}
+        with self._sources_guard:
+            # By identity, the objects held until the end so that no identity is reused.
+            unused = {id(held[1]): held[1] for held in self._sources.values()
+                      if id(held[1]) not in used}
+            for key in [k for k, held in self._sources.items() if id(held[1]) in unused]:
+                del self._sources[key]
+        if unused:
+            self.tokens.forget(lambda key: len(key) > 1 and id(key[1]) in unused)
 
     def _prepare(self, document):
         """Apply the command line's identity (project, primary account) to a loaded document,

@@ -409,7 +409,7 @@ def startup_once(argv, port, cwd=None, env=None):
 
 def startup_section(args):
     print("== startup: spawn to first answer of GET /, median of %d runs ==" % args.startup_runs)
-    floor, base_ms, mds_ms, module_ms = [], [], [], []
+    floor, bare_floor, base_ms, mds_ms, bare_mds_ms, module_ms = [], [], [], [], [], []
     # `python3 mds.py` compiles the whole file at every start (CPython never caches a script's
     # bytecode); `python3 -m mds` and the installed `mds` command load cached bytecode.
     module_env = dict(os.environ)
@@ -421,6 +421,9 @@ def startup_section(args):
         begin = time.perf_counter()
         subprocess.run([sys.executable, "-c", "pass"], check=False)
         floor.append((time.perf_counter() - begin) * 1000)
+        begin = time.perf_counter()
+        subprocess.run([sys.executable, "-S", "-c", "pass"], check=False)
+        bare_floor.append((time.perf_counter() - begin) * 1000)
         port = free_port()
         elapsed, _ = startup_once(baseline_argv(port), port)
         if elapsed is not None:
@@ -432,17 +435,27 @@ def startup_section(args):
             return None
         mds_ms.append(elapsed)
         port = free_port()
+        elapsed, _ = startup_once([sys.executable, "-S"] + mds_argv(args.mds, port)[1:], port)
+        if elapsed is not None:
+            bare_mds_ms.append(elapsed)
+        port = free_port()
         elapsed, _ = startup_once(mds_module_argv(port), port, module_dir, module_env)
         if elapsed is not None:
             module_ms.append(elapsed)
     median_mds = statistics.median(mds_ms)
-    print("  python3 -c pass (floor) %6.1f ms" % statistics.median(floor))
+    site_ms = statistics.median(floor) - statistics.median(bare_floor)
+    print("  python3 -c pass (floor) %6.1f ms  (with -S %.1f ms: site hooks, .pth files "
+          "included, add %.0f ms to every start)"
+          % (statistics.median(floor), statistics.median(bare_floor), site_ms))
     if base_ms:
         print("  baseline server         %6.1f ms  (runs: %s; best %.0f)" % (
             statistics.median(base_ms), ", ".join("%.0f" % m for m in base_ms), min(base_ms)))
     print("  python3 mds.py          %6.1f ms  (runs: %s; best %.0f)  target < %.0f ms  %s"
           % (median_mds, ", ".join("%.0f" % m for m in mds_ms), min(mds_ms), TARGET_STARTUP_MS,
              verdict(median_mds < TARGET_STARTUP_MS)))
+    if bare_mds_ms:
+        print("  python3 -S mds.py       %6.1f ms  (runs: %s; without the site hooks)" % (
+            statistics.median(bare_mds_ms), ", ".join("%.0f" % m for m in bare_mds_ms)))
     if module_ms:
         median_module = statistics.median(module_ms)
         print("  python3 -m mds          %6.1f ms  (runs: %s; best %.0f)  target < %.0f ms  %s"

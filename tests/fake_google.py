@@ -196,7 +196,7 @@ class FakeGoogle:
         """Fail the next `count` calls (to `endpoint`, or any) with an HTTP status (500, 503,
         401, 403, or "invalid_grant" for Google's 400), "close" (drop the connection),
         "unparseable-200" (a token google-auth cannot use), "trickle" (a 200 whose body
-        arrives a byte at a time, for 30 s) or "echo-secrets" (a 401 whose
+        arrives a byte at a time, for 30 s), "trickle-headers" (the same, for its headers) or "echo-secrets" (a 401 whose
         description quotes the credentials the request carried: its bearer token, client
         secret, refresh token, assertion or subject token, plainly, percent-encoded and
         inside a URL, as a careless upstream might)."""
@@ -479,22 +479,22 @@ class _FakeGoogleHandler(http.server.BaseHTTPRequestHandler):
             except OSError:
                 pass
             return True
-        if mode == "trickle":
-            # Headers at once, then the body a byte every 50 ms: every read the client makes
-            # returns well inside any socket timeout, so only a bound on the whole answer
-            # stops it waiting (for 30 s, here).
+        if mode in ("trickle", "trickle-headers"):
+            # A byte every 50 ms, of the body after the headers or of the headers themselves:
+            # every read the client makes returns well inside any socket timeout, so only a
+            # bound on the whole answer stops it waiting (for 30 s, here).
             body = b'{"error": "still arriving"}' + b" " * 600
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
+            head = ("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    "X-Padding: %s\r\nContent-Length: %d\r\n\r\n" % ("x" * 600, len(body)))
+            slow, at_once = (body, head.encode()) if mode == "trickle" else (head.encode(), b"")
             self.close_connection = True
-            for index in range(len(body)):
-                try:
-                    self.wfile.write(body[index:index + 1])
-                except OSError:            # the client gave up
-                    break
-                time.sleep(0.05)
+            try:
+                self.wfile.write(at_once)
+                for index in range(len(slow)):
+                    self.wfile.write(slow[index:index + 1])
+                    time.sleep(0.05)
+            except OSError:                # the client gave up
+                pass
             return True
         if mode == "unparseable-200":
             # A 200 that google-auth cannot use (a token beside a bad expiry): google-auth's

@@ -6,6 +6,7 @@ generated, so these tests fail if signing, claims or the HTTP exchange are wrong
 """
 
 import base64
+import gc
 import http.client
 import json
 import logging
@@ -15,6 +16,7 @@ import threading
 import time
 import urllib.error
 import urllib.parse
+import weakref
 import urllib.request
 
 import pytest
@@ -325,12 +327,14 @@ def test_a_slow_google_gets_one_attempt_within_the_mint_deadline(fake, key_file,
     assert source.access_token((CLOUD_PLATFORM,)).value in fake.issued_tokens
 
 
+@pytest.mark.parametrize("trickling", ["trickle", "trickle-headers"])
 @pytest.mark.parametrize("kind", ["key-file", "impersonate"])
 def test_an_answer_that_trickles_in_ends_at_the_mint_deadline(fake, key_file, user_credentials,
-                                                              caplog, kind):
-    """Each byte arrives inside the socket timeout, so only a deadline on the whole answer
-    stops the wait: a 502 naming the endpoint, with one upstream call.  Key files read it
-    with mds's own POST, impersonation through google-auth's transport."""
+                                                              caplog, kind, trickling):
+    """Each byte, of the body or of the headers, arrives inside the socket timeout, so only a
+    deadline on the whole answer stops the wait: a 502 naming the endpoint, with one upstream
+    call.  Key files read it with mds's own POST, impersonation through google-auth's
+    transport."""
     caplog.set_level(logging.DEBUG)
     if kind == "key-file":
         source = mds.KeyFileSource(key_file[0], retry_delays=FAST_RETRIES, budget=1.0)
@@ -341,9 +345,11 @@ def test_an_answer_that_trickles_in_ends_at_the_mint_deadline(fake, key_file, us
                                         iam_endpoint_override=fake.url,
                                         retry_delays=FAST_RETRIES, budget=1.0)
         endpoint = "iam:generateAccessToken"
-    fake.fail_next(1, mode="trickle", endpoint=endpoint)
+    fake.fail_next(1, mode=trickling, endpoint=endpoint)
+    began = time.monotonic()
     with pytest.raises(mds.CredentialError) as caught:
         source.access_token((CLOUD_PLATFORM,))
+    assert time.monotonic() - began < 5, "the budget is 1 s; the trickle lasts 30 s"
     message = str(caught.value)
     assert caught.value.status == 502
     assert "timed out" in message and "still arriving" in message, message
@@ -1324,6 +1330,35 @@ def test_a_key_file_rotated_in_place_is_used_after_a_reload(fake, tmp_path, mds_
     assert server.reload()
     metadata_get(server, "instance/service-accounts/default/token", {"scopes": PUBSUB})
     assert fake.count("token:jwt-bearer") == (3 if kind == "key-file" else 2)
+
+
+def test_a_source_taken_out_of_the_config_is_forgotten_with_its_tokens(fake, tmp_path,
+                                                                      mds_server_factory):
+    """A key taken out of the config must not stay in memory for the life of the process:
+    after the reload neither its source nor the tokens it minted are held any more."""
+    key_path, keyed = fake.write_key_file(tmp_path)
+    document = vm_document({keyed.email: ([CLOUD_PLATFORM], {"type": "key-file",
+                                                               "path": key_path})})
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(document))
+    server = mds_server_factory(config=str(config), poll_interval=3600)
+    status, body = metadata_get(server, "instance/service-accounts/default/token")
+    assert status == 200, body
+    held = weakref.ref(server.store.tree.accounts[keyed.email].source)
+
+    credentials = document["mds"]["serviceAccounts"][keyed.email].pop("credentials")
+    config.write_text(json.dumps(document))
+    assert server.reload() and server.offline()
+    gc.collect()
+    assert held() is None, "the removed key file's source is still held"
+
+    # Put back, it is read and minted from anew.
+    document["mds"]["serviceAccounts"][keyed.email]["credentials"] = credentials
+    config.write_text(json.dumps(document))
+    assert server.reload() and not server.offline()
+    status, body = metadata_get(server, "instance/service-accounts/default/token")
+    assert status == 200, body
+    assert fake.count("token:jwt-bearer") == 2
 
 
 def test_credentials_without_a_type_are_refused_and_going_offline_is_logged(
