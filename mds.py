@@ -394,15 +394,17 @@ class ClientGone(Exception):
 class Response:
     """Status, body and headers a flavor hands back to the HTTP layer."""
 
-    __slots__ = ("status", "body", "content_type", "headers", "bare", "reason")
+    __slots__ = ("status", "body", "content_type", "headers", "bare", "reason", "close")
 
-    def __init__(self, status, body=b"", content_type=None, headers=(), bare=False, reason=None):
+    def __init__(self, status, body=b"", content_type=None, headers=(), bare=False, reason=None,
+                 close=False):
         self.status = status
         self.body = body.encode() if isinstance(body, str) else body
         self.content_type = content_type
         self.headers = list(headers)
         self.bare = bare            # True: leave out the flavor's common headers
         self.reason = reason        # None: the standard reason phrase
+        self.close = close          # True: the real server hangs up after this answer
 
 
 _REASONS = types.MappingProxyType({s.value: s.phrase for s in http.HTTPStatus})
@@ -604,7 +606,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             lines.extend(mds.common_header_lines())
         for name, value in response.headers:
             lines.append("%s: %s" % (name, value))
-        if self.close_connection:
+        if response.close:
+            self.close_connection = True
+            lines.append("Connection: Close")       # so spelled in real transcripts
+        elif self.close_connection:
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         # Two writes into one buffer: small answers still leave in one segment, and a large
@@ -878,6 +883,8 @@ class GceFlavor:
         self.variant = variant
         self.server_header = self.SERVER_HEADERS[variant]
         self.common_headers = [("Metadata-Flavor", "Google")]
+        # The GKE server is written in Go, which writes header names canonicalised (spec 13).
+        self.etag_header = "Etag" if variant == "gke" else "ETag"
         if variant != "gke":            # GKE's answers carry no browser headers (spec 13)
             self.common_headers += [("X-XSS-Protection", "0"), ("X-Frame-Options", "SAMEORIGIN")]
 
@@ -1305,7 +1312,7 @@ class GceFlavor:
                 store.unwatch(watch)
 
     def render(self, node, alt, recursive):
-        headers = [("ETag", node.etag)]
+        headers = [(self.etag_header, node.etag)]
         if node.is_dir and recursive:
             if alt == "text":
                 return Response(200, node.rendered("rtext", _render_text), "application/text",
@@ -1347,9 +1354,10 @@ class GceFlavor:
                    "token_type": "Bearer"}
         if request.query.get("alt") == "text":
             body = "".join("%s %s\n" % item for item in payload.items())
-            return Response(200, body, "application/text", [("ETag", short_hash(body.encode()))])
+            return Response(200, body, "application/text",
+                            [(self.etag_header, short_hash(body.encode()))])
         body = json.dumps(payload, separators=(",", ":")).encode()
-        return Response(200, body, "application/json", [("ETag", short_hash(body))])
+        return Response(200, body, "application/json", [(self.etag_header, short_hash(body))])
 
     def identity(self, request, node, tree):
         audience = request.query.get("audience")
@@ -1375,7 +1383,8 @@ class GceFlavor:
         except CredentialError as exc:
             return self.credential_failure(exc, account)
         body = token.value.encode()
-        return Response(200, body, "text/html; charset=utf-8", [("ETag", short_hash(body))])
+        return Response(200, body, "text/html; charset=utf-8",
+                        [(self.etag_header, short_hash(body))])
 
     def compute_engine_claims(self, tree, licenses):
         """The `google.compute_engine` claims of a format=full identity token (spec 10.2)."""
@@ -1455,9 +1464,11 @@ class GceFlavor:
                             [("X-Content-Type-Options", "nosniff")], bare=True)
         message = ("Your client does not have permission to get URL <code>%s</code> from this "
                    "server. %s" % (html_escape(request.path), reason))
-        # Cloud Run's 403 carries no Metadata-Flavor header (spec 12); the VM's does (5.2).
+        # Cloud Run's 403 carries no Metadata-Flavor header (spec 12); the VM's does, and the
+        # VM's server hangs up after it (5.2).
         return Response(403, http_error_page(403, "Forbidden", message),
-                        "text/html; charset=UTF-8", bare=self.variant == "serverless")
+                        "text/html; charset=UTF-8", bare=self.variant == "serverless",
+                        close=self.variant == "gce")
 
     def not_found(self, path):
         if self.variant == "gke":
@@ -2333,7 +2344,8 @@ class Ec2Flavor(object):
             return resolve_aws_source_keys(profile)
 
         if source == "static":
-            return StaticRoleCredentials(load_keys)
+            return StaticRoleCredentials(load_keys, where=(
+                "profile %s" % profile if profile else "the environment"))
         region = spec.get("sts_region") or spec.get("region") or resolve_aws_region(profile)
         return AssumeRoleCredentials(
             spec["role_arn"], load_keys, region=region, endpoint=spec.get("sts_endpoint"),
@@ -2765,12 +2777,15 @@ def add_ec2_arguments(parser):
     return group
 
 
+# The MetadataServer `options` of the EC2 flavor: its command line's flags.
+EC2_OPTIONS = ("imdsv2_required", "role_name", "role_arn", "sts_endpoint", "sts_region",
+               "external_id", "aws_profile", "static_credentials", "spot_interruption_after",
+               "rebalance_after", "ecs_auth_token")
+
+
 def ec2_options_from_args(args):
     """The MetadataServer `options` dict for the EC2 flag values in an argparse namespace."""
-    names = ("imdsv2_required", "role_name", "role_arn", "sts_endpoint", "sts_region",
-             "external_id", "aws_profile", "static_credentials", "spot_interruption_after",
-             "rebalance_after", "ecs_auth_token")
-    return {name: getattr(args, name) for name in names
+    return {name: getattr(args, name) for name in EC2_OPTIONS
             if getattr(args, name, None) not in (None, False)}
 
 
@@ -3848,9 +3863,17 @@ class ImpersonatedSource:
             else:
                 credentials, _ = google_auth.default(scopes=[CLOUD_PLATFORM_SCOPE])
         except google.auth.exceptions.GoogleAuthError as exc:
+            pointed = os.environ.get("GCE_METADATA_HOST") or os.environ.get("GCE_METADATA_IP")
+            # At startup mds is not answering yet, so ADC that would be mds itself look like
+            # no ADC at all: say where google-auth looked.
+            hint = ("; GCE_METADATA_HOST/GCE_METADATA_IP in mds's own environment sent "
+                    "google-auth to a metadata server at %s, which did not answer: if that "
+                    "is this mds, unset them where mds runs" % pointed
+                    if pointed and not path else "")
             raise CredentialError(
                 "impersonation needs Application Default Credentials (run `gcloud auth "
-                "application-default login`): %s" % _redact(exc), status=500) from None
+                "application-default login`): %s%s" % (_redact(exc), hint),
+                status=500) from None
         return credentials
 
     def describe(self):
@@ -4218,8 +4241,8 @@ def credentials_spec_from_cli(service_account_file=None, token_mode=None, impers
         chosen.append({"type": "key-file", "path": service_account_file,
                        "token_mode": token_mode or "oauth"})
     elif token_mode and token_mode != "oauth":
-        raise CredentialError("--token-mode %s needs --service-account-file" % token_mode,
-                              status=500)
+        raise CredentialError("--token-mode %s needs --service-account-file or --tpm"
+                              % token_mode, status=500)
     if impersonate and not federate:
         spec = {"type": "impersonate"}
         if isinstance(impersonate, str):
@@ -5131,8 +5154,10 @@ class StaticRoleCredentials(object):
 
     SESSION_LIFETIME, SESSION_ROTATION = 3600, 900
 
-    def __init__(self, keys_loader, lifetime=6 * 3600, rotation=3600, clock=time.time):
+    def __init__(self, keys_loader, lifetime=6 * 3600, rotation=3600, clock=time.time,
+                 where="environment/profile"):
         self._load = keys_loader
+        self._where = where
         self.lifetime = lifetime
         self.rotation = rotation
         self._clock = clock
@@ -5163,7 +5188,7 @@ class StaticRoleCredentials(object):
         }
 
     def describe(self):
-        return "static AWS credentials from %s" % (self._origin or "environment/profile")
+        return "static AWS credentials from %s" % (self._origin or self._where)
 
     def start(self):
         # Keys are read at each request, so a fix needs no restart; but a missing profile or
@@ -6458,6 +6483,14 @@ class MetadataServer:
                  poll_interval=1.0, credentials=None, signer=None, identity=None, options=None):
         if flavor not in FLAVORS:
             raise ConfigError("unknown flavor %r (choose from %s)" % (flavor, ", ".join(FLAVORS)))
+        known = EC2_OPTIONS if flavor == "ec2" else GCE_OPTIONS
+        unknown = sorted(set(options or {}) - set(known), key=str)
+        if unknown:
+            # A misspelt option silently ignored would look like a feature that does not work.
+            raise ConfigError("unknown option%s %s for flavor %s (known: %s)%s" % (
+                "s" if len(unknown) > 1 else "", ", ".join(map(repr, unknown)), flavor,
+                ", ".join(known), "; the flavor is MetadataServer(flavor=...)"
+                if "flavor" in unknown else ""))
         self.host = host
         self.requested_port = port
         self.options = dict(options or {})

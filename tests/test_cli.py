@@ -159,7 +159,7 @@ def test_key_file_for_another_account_than_the_configs_fails_at_startup(tmp_path
 @pytest.mark.parametrize("argv, reason", [
     (["--config", "/nonexistent/config.json"], "cannot read"),
     (["--service-account-file", "/nonexistent/sa.json"], "sa.json"),
-    (["--token-mode", "self-signed"], "--service-account-file"),
+    (["--token-mode", "self-signed"], "needs --service-account-file or --tpm"),
     (["--access-token", "x", "--impersonate"], "choose one"),
     # A flag of another flavor is refused, not silently ignored.
     (["--flavor", "ec2", "--preempt-after", "1m"], "--preempt-after does not apply to --flavor ec2"),

@@ -11,6 +11,7 @@ import http.client
 import json
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -613,6 +614,25 @@ def test_metadata_server_adc_that_are_this_server_are_refused(fake, tmp_path, mo
     assert server.serves_address("localhost:%d" % server.port)
     assert not server.serves_address("127.0.0.1:%d" % (server.port + 1))
     assert not server.serves_address("192.0.2.1:%d" % server.port)
+
+
+def test_adc_pointed_at_a_metadata_server_not_yet_answering_are_explained(
+        tmp_path, monkeypatch):
+    """At startup mds is not listening yet, so ADC that would be mds itself fail as "no
+    credentials": the error says where google-auth looked and what to unset."""
+    with socket.socket() as probe:                # a port nothing answers on
+        probe.bind(("127.0.0.1", 0))
+        authority = "127.0.0.1:%d" % probe.getsockname()[1]
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "no-gcloud"))
+    monkeypatch.setenv("GCE_METADATA_HOST", authority)
+    monkeypatch.setenv("GCE_METADATA_IP", authority)
+    monkeypatch.setenv("GCE_METADATA_TIMEOUT", "1")
+    with pytest.raises(mds.CredentialError) as caught:
+        mds.ImpersonatedSource("target@fake-project.mds-test.example")
+    assert "needs Application Default Credentials" in str(caught.value)
+    assert "metadata server at %s, which did not answer" % authority in str(caught.value)
+    assert "unset them where mds runs" in str(caught.value)
 
 
 def test_impersonation_id_token(fake, user_credentials):
@@ -1330,6 +1350,18 @@ def test_a_key_file_rotated_in_place_is_used_after_a_reload(fake, tmp_path, mds_
     assert server.reload()
     metadata_get(server, "instance/service-accounts/default/token", {"scopes": PUBSUB})
     assert fake.count("token:jwt-bearer") == (3 if kind == "key-file" else 2)
+
+
+def test_a_key_given_inline_in_the_config_serves_tokens(fake, tmp_path, mds_server_factory):
+    key_path, keyed = fake.write_key_file(tmp_path)
+    with open(key_path) as handle:
+        inline = json.load(handle)
+    os.remove(key_path)
+    server = mds_server_factory(config=vm_document({keyed.email: (
+        [CLOUD_PLATFORM], {"type": "key-file", "key": inline})}))
+    status, body = metadata_get(server, "instance/service-accounts/default/token")
+    assert status == 200, body
+    assert fake.issued_tokens[json.loads(body)["access_token"]]["principal"] == keyed.email
 
 
 def test_a_source_taken_out_of_the_config_is_forgotten_with_its_tokens(fake, tmp_path,

@@ -593,6 +593,8 @@ def test_missing_static_credentials_give_the_imds_error_form(ec2, monkeypatch, t
     # Said at startup, before any client asks.
     assert any("not usable yet" in r.getMessage() and "no AWS source credentials"
                in r.getMessage() for r in caplog.records), caplog.records
+    assert "role mds-ec2-role (default): static AWS credentials from the environment" in \
+        server.flavor.startup_lines()
     caplog.clear()
     with caplog.at_level("WARNING"):
         creds = json.loads(_credentials(server))

@@ -191,6 +191,24 @@ def test_metadata_paths_need_the_exact_flavor_header(shared_server, value):
     assert_common_headers(reply)
 
 
+def test_the_vm_server_hangs_up_after_a_403(shared_server):
+    # The real 403 says `Connection: Close` and means it (spec 5.2); a 200 keeps the connection.
+    with socket.create_connection(("127.0.0.1", shared_server.port), timeout=10) as sock:
+        request = "GET %s HTTP/1.1\r\nHost: metadata.google.internal\r\n%s\r\n"
+        sock.sendall((request % (V1 + "project/project-id", "Metadata-Flavor: Google\r\n") +
+                      request % (V1 + "project/project-id", "")).encode())
+        received = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+    first, _, second = received.partition(b"HTTP/1.1 403")
+    assert first.startswith(b"HTTP/1.1 200") and b"Connection" not in first, first
+    head = second.split(b"\r\n\r\n")[0] + b"\r\n"
+    assert b"\r\nConnection: Close\r\n" in head, second[:400]
+
+
 @pytest.mark.parametrize("value", ["Google ", "Google\t", " Google"])
 def test_whitespace_around_the_flavor_value_is_not_part_of_it(shared_server, value):
     # HTTP excludes the whitespace around a field value from the value (RFC 9110 5.5).
@@ -1162,6 +1180,21 @@ def test_serverless_and_gke_have_no_timed_events(flavor):
     with pytest.raises(mds.ConfigError) as caught:
         mds.MetadataServer(flavor=flavor, options={"preempt_after": 60})
     assert "Compute Engine" in str(caught.value)
+
+
+@pytest.mark.parametrize("flavor, options, words", [
+    ("gce", {"preempt_aftr": 5}, ["unknown option 'preempt_aftr' for flavor gce",
+                                  "preempt_after"]),
+    ("gce", {"flavor": "ec2"}, ["unknown option 'flavor'", "MetadataServer(flavor=...)"]),
+    ("ec2", {"preempt_after": 5, "role": "x"}, ["unknown options 'preempt_after', 'role'",
+                                                "role_name"]),
+])
+def test_an_option_the_flavor_does_not_know_is_refused(flavor, options, words):
+    # Ignored, a misspelt option would look like a feature that does not work.
+    with pytest.raises(mds.ConfigError) as caught:
+        mds.MetadataServer(flavor=flavor, options=options)
+    for word in words:
+        assert word in str(caught.value)
 
 
 def test_options_schedule_events_like_the_command_line(mds_server_factory):

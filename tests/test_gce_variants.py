@@ -54,6 +54,20 @@ def test_each_variant_names_its_server(mds_server_factory, flavor, server_header
     assert ("X-Frame-Options" in headers) == (flavor == "cloudrun")
 
 
+@pytest.mark.parametrize("flavor, etag_name", [("gce", "ETag"), ("cloudrun", "ETag"),
+                                               ("gke", "Etag")])
+def test_the_etag_header_is_named_as_each_server_writes_it(mds_server_factory, flavor,
+                                                           etag_name):
+    # The GKE server is written in Go, which canonicalises header names to `Etag` (spec 13).
+    server = mds_server_factory(flavor=flavor)
+    for path in ("project/project-id", "instance/service-accounts/default/token",
+                 "instance/service-accounts/default/identity?audience=a"):
+        status, headers, _ = call(server, V1 + path)
+        assert status == 200
+        names = [name for name, _ in headers.items() if name.lower() == "etag"]
+        assert names == [etag_name], (path, names)
+
+
 def test_gke_needs_the_flavor_header_even_at_the_root(mds_server_factory):
     server = mds_server_factory(flavor="gke")
     status, headers, body = call(server, "/", headers={})
