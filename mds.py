@@ -2919,6 +2919,9 @@ class TokenCache:
         for key in [k for k, e in list(self._tokens.items()) if e[0].expiry <= now]:
             self._tokens.pop(key, None)
             self._staged.pop(key, None)
+        # A refresh that ended after its key was forgotten leaves a staged token only.
+        for key in [k for k, e in list(self._staged.items()) if e[0].expiry <= now]:
+            self._staged.pop(key, None)
         ticks = self.monotonic()
         for key in [k for k, f in list(self._failures.items()) if f[0] <= ticks
                     and k not in self._tokens]:
@@ -3299,15 +3302,18 @@ def _attempt_timeout(timeout, deadline):
 
 
 class _ExchangeDeadline:
-    """A bound on one whole upstream exchange: connection, TLS handshake, headers and body.
+    """A bound on one whole upstream exchange: connection, proxy tunnel, TLS handshake,
+    headers and body.
 
     urllib's timeout bounds each socket operation, not the answer: headers or a body that
     trickle in a byte at a time never trip it.  So a timer shuts the exchange's sockets down
-    when its time is up, which ends whatever read is waiting on them, and `fired` tells that
-    timeout from a failure of the upstream's own making."""
+    when its time is up, which ends whatever read is waiting on them; `fired` then tells that
+    cut-off from a failure of the upstream's own making, and `connected` a silent or slow
+    upstream from one that could not be reached."""
 
     def __init__(self, ends):
         self.fired = False
+        self.connected = False
         self._sockets = []
         self._guard = threading.Lock()
         self._timer = threading.Timer(max(0.0, ends - time.monotonic()), self._fire)
@@ -3318,6 +3324,7 @@ class _ExchangeDeadline:
         # A duplicate: an https connection detaches the socket it wraps in TLS, and shutting
         # down either descriptor ends the connection for both.
         with self._guard:
+            self.connected = True
             self._sockets.append(sock.dup())
             if self.fired:
                 self._shut_down()
@@ -3344,9 +3351,10 @@ class _ExchangeDeadline:
 
 def _fetch_upstream(method, url, data, headers, ends, context=None):
     """(status, headers, body) of one upstream exchange through urllib (so the proxy
-    variables hold), all of it by time.monotonic() `ends`.  An HTTP error status is an answer
-    here, not an exception.  Running out of time is a transient _UpstreamFailure; any other
-    failure is urllib's own OSError or http.client.HTTPException."""
+    variables hold), all of it by time.monotonic() `ends`.  An HTTP status other than 2xx is
+    an answer here, not an exception.  No complete answer in time from a reached upstream is
+    a transient _UpstreamFailure; any other failure is urllib's own OSError or
+    http.client.HTTPException."""
     import urllib.error     # here, not at the top: only upstream sources need them, and
     import urllib.request   # every millisecond of startup counts
 
@@ -3354,12 +3362,19 @@ def _fetch_upstream(method, url, data, headers, ends, context=None):
     deadline = _ExchangeDeadline(ends)
 
     class Connection(http.client.HTTPConnection):
-        def connect(self):
-            super().connect()
-            deadline.watch(self.sock)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # http.client's seam for making the socket (in every version mds supports): the
+            # socket is watched before a proxy tunnel or a TLS handshake uses it.
+            create = self._create_connection
 
-    # HTTPSConnection.connect wraps what Connection.connect made, so the socket is watched
-    # before the TLS handshake starts.
+            def create_watched(*args, **kwargs):
+                sock = create(*args, **kwargs)
+                deadline.watch(sock)
+                return sock
+
+            self._create_connection = create_watched
+
     class TLSConnection(http.client.HTTPSConnection, Connection):
         pass
 
@@ -3381,15 +3396,17 @@ def _fetch_upstream(method, url, data, headers, ends, context=None):
             response = error
         with response:
             answer = (response.getcode(), response.headers, response.read())
-    except (OSError, http.client.HTTPException):
-        if not deadline.fired:
+    except (OSError, http.client.HTTPException) as exc:
+        # The socket's own timeout and the timer end at the same moment; either way a reached
+        # upstream ran out of time, and an unreached one stays a network error.
+        if not (deadline.connected and (deadline.fired or isinstance(exc, socket.timeout))):
             raise
         answer = None
     finally:
         deadline.close()
-    if deadline.fired:      # even a body that seemed whole: one ended by the cut-off is not
-        raise _UpstreamFailure("timed out: the answer was still arriving when the time for "
-                               "one attempt ran out", True, 502)
+    if answer is None or deadline.fired:   # even a body that seemed whole, if cut off
+        raise _UpstreamFailure("timed out: no complete answer within the time for one "
+                               "attempt", True, 502)
     return answer
 
 
@@ -3438,7 +3455,7 @@ def post_upstream(url, what, data, headers, describe_error, status_for, timeout=
         except ValueError:
             raise CredentialError("%s: %s is not a usable URL" % (what, _url_host(url)),
                                   status=500) from None
-        if status >= 400:
+        if not 200 <= status < 300:          # a redirect urllib does not follow included
             raise _UpstreamFailure(_redact(describe_error(status, body), secrets=secrets),
                                    status in _TRANSIENT_STATUSES, status_for(status))
         return body
@@ -3698,7 +3715,7 @@ class GoogleAuthTransport:
         try:
             status, answer_headers, data = _fetch_upstream(
                 method, url, body, dict(headers or {}), time.monotonic() + wait)
-            if status >= 400:
+            if not 200 <= status < 300:
                 self.last_error_status, self.last_error_body = status, data
             return _GoogleAuthResponse(status, _lower_headers(answer_headers), data)
         except _UpstreamFailure as late:         # the answer did not arrive in time
@@ -3863,13 +3880,16 @@ class ImpersonatedSource:
             else:
                 credentials, _ = google_auth.default(scopes=[CLOUD_PLATFORM_SCOPE])
         except google.auth.exceptions.GoogleAuthError as exc:
-            pointed = os.environ.get("GCE_METADATA_HOST") or os.environ.get("GCE_METADATA_IP")
             # At startup mds is not answering yet, so ADC that would be mds itself look like
-            # no ADC at all: say where google-auth looked.
-            hint = ("; GCE_METADATA_HOST/GCE_METADATA_IP in mds's own environment sent "
-                    "google-auth to a metadata server at %s, which did not answer: if that "
-                    "is this mds, unset them where mds runs" % pointed
-                    if pointed and not path else "")
+            # no ADC at all: say where google-auth looked for a metadata server (it probes
+            # GCE_METADATA_IP) when nothing else was there to find.
+            probed = os.environ.get("GCE_METADATA_IP")
+            hint = ("; google-auth also looked for a metadata server at %s (GCE_METADATA_IP in "
+                    "mds's own environment) and none answered: if that is this mds, unset "
+                    "GCE_METADATA_HOST and GCE_METADATA_IP where mds runs" % probed
+                    if probed and not path and not os.environ.get(
+                        "GOOGLE_APPLICATION_CREDENTIALS") and isinstance(
+                        exc, google.auth.exceptions.DefaultCredentialsError) else "")
             raise CredentialError(
                 "impersonation needs Application Default Credentials (run `gcloud auth "
                 "application-default login`): %s%s" % (_redact(exc), hint),
@@ -6709,9 +6729,10 @@ class MetadataServer:
                     store.changed.wait(3600.0 if due is None else
                                        min(3600.0, max(0.0, due - time.time())))
 
-    def _compile(self, document):
+    def _compile(self, document, served=True):
         """The flavor's compile; any failure is the ConfigError it really is, so a bad document
-        never costs the last good tree (or the thread that watches the file)."""
+        never costs the last good tree (or the thread that watches the file).  A tree that
+        will be `served` replaces the one serving, whose unused sources go."""
         try:
             _check_depth(document)
             tree = self.flavor.compile(document)
@@ -6720,7 +6741,8 @@ class MetadataServer:
         except Exception as exc:
             raise ConfigError("the document cannot be served: %s: %s"
                               % (type(exc).__name__, exc)) from None
-        self._forget_sources_unused_by(tree)
+        if served:
+            self._forget_sources_unused_by(tree)
         return tree
 
     def _forget_sources_unused_by(self, tree):
@@ -6755,7 +6777,7 @@ class MetadataServer:
         except ConfigError:
             raise
         except Exception as exc:       # a document of the wrong shape: the compile says why
-            self._compile(document)
+            self._compile(document, served=False)
             raise ConfigError("the document cannot be served: %s: %s"
                               % (type(exc).__name__, exc)) from None
 

@@ -6,6 +6,7 @@ generated, so these tests fail if signing, claims or the HTTP exchange are wrong
 """
 
 import base64
+import copy
 import gc
 import http.client
 import json
@@ -353,13 +354,84 @@ def test_an_answer_that_trickles_in_ends_at_the_mint_deadline(fake, key_file, us
     assert time.monotonic() - began < 5, "the budget is 1 s; the trickle lasts 30 s"
     message = str(caught.value)
     assert caught.value.status == 502
-    assert "timed out" in message and "still arriving" in message, message
+    assert "timed out: no complete answer" in message, message
     assert "no time left to retry" in message
     assert "127.0.0.1:%d" % fake.port in message
     assert fake.count(endpoint) == 1
     assert_secret_free(message + caplog.text, *key_secrets(key_file[1]))
     token = source.access_token((CLOUD_PLATFORM,))
     assert token.value in fake.issued_tokens
+
+
+def _serve_once_in_background(handle):
+    """A one-connection server on 127.0.0.1 running `handle(connection)`; returns its port."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def serve():
+        with listener:
+            connection, _ = listener.accept()
+            with connection:
+                handle(connection)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener.getsockname()[1]
+
+
+def _post(url, timeout=1.0):
+    return mds.post_upstream(url, "token", b"x=1", {"Content-Type": "text/plain"},
+                             mds._describe_upstream_error, mds._status_for_upstream,
+                             timeout=timeout)
+
+
+def test_an_upstream_that_cannot_be_reached_in_time_is_a_network_error():
+    # A listener whose backlog is full drops further connection attempts, as a firewall
+    # that swallows egress does: the cause is reaching the upstream, not a slow answer.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):
+            with pytest.raises(mds.CredentialError) as caught:
+                _post("http://127.0.0.1:%d/token" % port, timeout=0.5)
+    assert caught.value.status == 502
+    assert "network error, unreachable" in str(caught.value), str(caught.value)
+
+
+def test_a_redirect_urllib_does_not_follow_is_a_failure_not_an_answer():
+    def redirect(connection):
+        connection.recv(65536)
+        connection.sendall(b"HTTP/1.1 307 Temporary Redirect\r\nLocation: /elsewhere\r\n"
+                           b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+
+    port = _serve_once_in_background(redirect)
+    with pytest.raises(mds.CredentialError) as caught:
+        _post("http://127.0.0.1:%d/token" % port)
+    assert "HTTP 307" in str(caught.value) and caught.value.status == 502
+
+
+def test_a_proxy_trickling_its_tunnel_answer_ends_at_the_deadline(monkeypatch):
+    """The deadline covers an HTTPS proxy's CONNECT exchange too (the only way through, for
+    many corporate networks); here the proxy sends its answer a byte every 50 ms."""
+    def trickle(connection):
+        connection.recv(65536)
+        for byte in b"HTTP/1.1 200 Connection established\r\n" + b"X-Slow: 1\r\n" * 100:
+            try:
+                connection.sendall(bytes([byte]))
+            except OSError:
+                return
+            time.sleep(0.05)
+
+    port = _serve_once_in_background(trickle)
+    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:%d" % port)
+    began = time.monotonic()
+    with pytest.raises(mds.CredentialError) as caught:
+        _post("https://oauth2.mds-test.example/token", timeout=1.0)
+    assert time.monotonic() - began < 3, "the budget is 1 s; the proxy trickles for 60 s"
+    assert "timed out" in str(caught.value) and caught.value.status == 502
 
 
 def _pem(key, fmt=serialization.PrivateFormat.PKCS8, password=None):
@@ -631,8 +703,16 @@ def test_adc_pointed_at_a_metadata_server_not_yet_answering_are_explained(
     with pytest.raises(mds.CredentialError) as caught:
         mds.ImpersonatedSource("target@fake-project.mds-test.example")
     assert "needs Application Default Credentials" in str(caught.value)
-    assert "metadata server at %s, which did not answer" % authority in str(caught.value)
-    assert "unset them where mds runs" in str(caught.value)
+    assert "metadata server at %s (GCE_METADATA_IP" % authority in str(caught.value)
+    assert "unset GCE_METADATA_HOST and GCE_METADATA_IP where mds runs" in str(caught.value)
+    # An ADC file that is at fault has nothing to do with a metadata server.
+    broken = tmp_path / "adc.json"
+    broken.write_text(json.dumps({"type": "no-such-type"}))
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(broken))
+    with pytest.raises(mds.CredentialError) as caught:
+        mds.ImpersonatedSource("target@fake-project.mds-test.example")
+    assert "needs Application Default Credentials" in str(caught.value)
+    assert "GCE_METADATA_IP" not in str(caught.value)
 
 
 def test_impersonation_id_token(fake, user_credentials):
@@ -1391,6 +1471,31 @@ def test_a_source_taken_out_of_the_config_is_forgotten_with_its_tokens(fake, tmp
     status, body = metadata_get(server, "instance/service-accounts/default/token")
     assert status == 200, body
     assert fake.count("token:jwt-bearer") == 2
+
+
+def test_a_refused_reload_keeps_the_sources_and_tokens_still_serving(fake, tmp_path,
+                                                                     mds_server_factory):
+    """A document of the wrong shape is compiled only to say why it is refused; that must not
+    cost the tree still serving its sources or cached tokens."""
+    key_path, keyed = fake.write_key_file(tmp_path)
+    document = vm_document({keyed.email: ([CLOUD_PLATFORM], {"type": "key-file",
+                                                               "path": key_path})})
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(document))
+    server = mds_server_factory(config=str(config), poll_interval=3600,
+                                identity={"project_id": "flag-project"})
+    status, body = metadata_get(server, "instance/service-accounts/default/token")
+    assert status == 200, body
+    cached = json.loads(body)["access_token"]
+    broken = copy.deepcopy(document)
+    broken["computeMetadata"]["v1"]["instance"]["serviceAccounts"] = None
+    del broken["mds"]                 # so that the compile itself succeeds, with no account
+    config.write_text(json.dumps(broken))
+    assert not server.reload()
+    status, body = metadata_get(server, "instance/service-accounts/default/token")
+    assert status == 200, body
+    assert json.loads(body)["access_token"] == cached
+    assert fake.count("token:jwt-bearer") == 1
 
 
 def test_credentials_without_a_type_are_refused_and_going_offline_is_logged(

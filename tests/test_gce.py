@@ -8,6 +8,7 @@ library normalises headers, follows redirects or decodes bodies on our behalf.
 import base64
 import collections
 import copy
+import gc
 import http.client
 import json
 import re
@@ -15,6 +16,7 @@ import socket
 import threading
 import time
 import urllib.parse
+import weakref
 
 import pytest
 
@@ -1407,6 +1409,39 @@ def test_a_failing_background_refresh_backs_off_like_a_failing_mint():
     assert cache.get("key", failing_mint).value == first.value
     settle_background_refreshes()
     assert len(calls) == 2
+
+
+def test_a_token_staged_after_its_key_was_forgotten_lapses_like_any_other():
+    """A background refresh that ends after its key was forgotten (a reload dropped the source)
+    stages a token nobody will swap in; it must lapse at its expiry, releasing the source."""
+
+    class Source:
+        pass
+
+    clock = FakeClock()
+    cache = mds.TokenCache(clock=clock)
+    source = Source()
+    key = ("access", source, "a@example.com", ())
+    first = cache.get(key, CountingMint(clock))
+    started, release = threading.Event(), threading.Event()
+
+    def slow_mint():
+        started.set()
+        release.wait(10)
+        return mds.Token("late", clock() + 3600)
+
+    clock.now = first.expiry - 500            # inside the refresh-ahead window
+    assert cache.get(key, slow_mint).value == first.value
+    assert started.wait(5)
+    cache.forget(lambda k: k[1] is source)
+    release.set()
+    settle_background_refreshes()
+    held = weakref.ref(source)
+    del source, key, slow_mint
+    clock.now += 3601                         # the late token has expired
+    cache.get("another key", CountingMint(clock))      # the cache tidies up as it goes
+    gc.collect()
+    assert held() is None, "the forgotten source is still held by a staged token"
 
 
 def test_a_cached_token_still_valid_is_served_while_the_upstream_is_down():
