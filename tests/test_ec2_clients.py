@@ -201,7 +201,7 @@ def test_botocore_imds_region_lookup(ec2, client_env):
     assert run_python_code(BOTOCORE_REGION, client_env(required)) == {"region": "ap-south-1"}
 
 
-def test_botocore_container_provider(ec2, client_env):
+def test_botocore_container_provider(ec2, client_env, tmp_path):
     server = ec2(ecs_auth_token="Bearer ecs-token")
     env = client_env(server, **server.flavor.ecs_env())
     # The container provider comes before IMDS in botocore's chain.
@@ -209,6 +209,15 @@ def test_botocore_container_provider(ec2, client_env):
     report = run_python_code(BOTOCORE_CREDENTIALS, env)
     assert "error" not in report, report
     assert report["method"] == "container-role"
+    assert report["access_key"] == served_credentials(server)["AccessKeyId"]
+
+    # EKS Pod Identity hands the token over in a file, which botocore prefers to the variable.
+    token_file = tmp_path / "eks-pod-identity-token"
+    token_file.write_text("Bearer ecs-token")
+    from_file = dict(env, AWS_CONTAINER_AUTHORIZATION_TOKEN="Bearer wrong",
+                     AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE=str(token_file))
+    report = run_python_code(BOTOCORE_CREDENTIALS, from_file)
+    assert "error" not in report, report
     assert report["access_key"] == served_credentials(server)["AccessKeyId"]
 
     env["AWS_CONTAINER_AUTHORIZATION_TOKEN"] = "Bearer wrong"

@@ -66,7 +66,7 @@ def test_one_connection_carries_many_requests_of_every_status(gce_server):
         ("GET", V1 + "project/project-id", GOOGLE, None, 200),
         ("GET", V1 + "instance", GOOGLE, None, 301),
         ("GET", V1 + "project/?alt=json", GOOGLE, None, 400),
-        ("GET", V1 + "project/project-id", {}, None, 403),
+        # (not 403: the real VM server hangs up after one, see test_gce)
         ("GET", V1 + "no/such/thing", GOOGLE, None, 404),
         ("POST", V1 + "project/project-id", GOOGLE, b"a body the server must consume", 405),
         ("GET", V1 + "instance/service-accounts/default/token", GOOGLE, None, 200),
