@@ -1200,6 +1200,18 @@ def vm_document(accounts, default=None):
     return document
 
 
+def key_file_server(fake, tmp_path, mds_server_factory, **options):
+    """A server whose primary account gets its tokens from a fresh key file, its config in a
+    file it reloads on request: (server, config path, document, the key's account)."""
+    key_path, keyed = fake.write_key_file(tmp_path)
+    document = vm_document({keyed.email: ([CLOUD_PLATFORM], {"type": "key-file",
+                                                               "path": key_path})})
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(document))
+    server = mds_server_factory(config=str(config), poll_interval=3600, **options)
+    return server, config, document, keyed
+
+
 def metadata_get(server, path, query=None):
     url = server.url + "/computeMetadata/v1/" + path
     if query:
@@ -1448,12 +1460,7 @@ def test_a_source_taken_out_of_the_config_is_forgotten_with_its_tokens(fake, tmp
                                                                       mds_server_factory):
     """A key taken out of the config must not stay in memory for the life of the process:
     after the reload neither its source nor the tokens it minted are held any more."""
-    key_path, keyed = fake.write_key_file(tmp_path)
-    document = vm_document({keyed.email: ([CLOUD_PLATFORM], {"type": "key-file",
-                                                               "path": key_path})})
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps(document))
-    server = mds_server_factory(config=str(config), poll_interval=3600)
+    server, config, document, keyed = key_file_server(fake, tmp_path, mds_server_factory)
     status, body = metadata_get(server, "instance/service-accounts/default/token")
     assert status == 200, body
     held = weakref.ref(server.store.tree.accounts[keyed.email].source)
@@ -1477,13 +1484,8 @@ def test_a_refused_reload_keeps_the_sources_and_tokens_still_serving(fake, tmp_p
                                                                      mds_server_factory):
     """A document of the wrong shape is compiled only to say why it is refused; that must not
     cost the tree still serving its sources or cached tokens."""
-    key_path, keyed = fake.write_key_file(tmp_path)
-    document = vm_document({keyed.email: ([CLOUD_PLATFORM], {"type": "key-file",
-                                                               "path": key_path})})
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps(document))
-    server = mds_server_factory(config=str(config), poll_interval=3600,
-                                identity={"project_id": "flag-project"})
+    server, config, document, _ = key_file_server(fake, tmp_path, mds_server_factory,
+                                                  identity={"project_id": "flag-project"})
     status, body = metadata_get(server, "instance/service-accounts/default/token")
     assert status == 200, body
     cached = json.loads(body)["access_token"]
@@ -1500,12 +1502,8 @@ def test_a_refused_reload_keeps_the_sources_and_tokens_still_serving(fake, tmp_p
 
 def test_credentials_without_a_type_are_refused_and_going_offline_is_logged(
         fake, tmp_path, mds_server_factory, caplog):
-    path, account = fake.write_key_file(tmp_path)
-    document = vm_document({account.email: ([CLOUD_PLATFORM], {"type": "key-file",
-                                                                 "path": path})})
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps(document))
-    server = mds_server_factory(config=str(config), poll_interval=3600)
+    server, config, document, account = key_file_server(fake, tmp_path, mds_server_factory)
+    path = document["mds"]["serviceAccounts"][account.email]["credentials"]["path"]
     assert not server.offline()
     caplog.set_level(logging.INFO)
     settings = document["mds"]["serviceAccounts"][account.email]

@@ -139,6 +139,16 @@ def assert_common_headers(reply):
     assert int(reply.header("Content-Length")) == len(reply.body), reply
 
 
+def read_until_closed(sock):
+    """Every byte the server sends until it closes the connection."""
+    received = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return received
+        received += chunk
+
+
 def b64url_json(segment):
     return json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
 
@@ -199,12 +209,7 @@ def test_the_vm_server_hangs_up_after_a_403(shared_server):
         request = "GET %s HTTP/1.1\r\nHost: metadata.google.internal\r\n%s\r\n"
         sock.sendall((request % (V1 + "project/project-id", "Metadata-Flavor: Google\r\n") +
                       request % (V1 + "project/project-id", "")).encode())
-        received = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            received += chunk
+        received = read_until_closed(sock)
     first, _, second = received.partition(b"HTTP/1.1 403")
     assert first.startswith(b"HTTP/1.1 200") and b"Connection" not in first, first
     head = second.split(b"\r\n\r\n")[0] + b"\r\n"
@@ -884,12 +889,7 @@ def test_requests_sent_behind_a_waiter_before_a_half_close_are_still_answered(se
         connection.shutdown(socket.SHUT_WR)
         time.sleep(0.3)
         server.update("instance/attributes/other", "wakes every waiter")
-        answer = b""
-        while True:
-            chunk = connection.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
+        answer = read_until_closed(connection)
     finally:
         connection.close()
     # Both answered, in order: the waiter when its timeout ran out (its value unchanged).
@@ -1433,7 +1433,7 @@ def test_a_token_staged_after_its_key_was_forgotten_lapses_like_any_other():
     clock.now = first.expiry - 500            # inside the refresh-ahead window
     assert cache.get(key, slow_mint).value == first.value
     assert started.wait(5)
-    cache.forget(lambda k: k[1] is source)
+    cache.forget(lambda k: k[0] == "access")
     release.set()
     settle_background_refreshes()
     held = weakref.ref(source)
