@@ -6752,12 +6752,12 @@ class MetadataServer:
         if accounts is None:
             return
         used = {id(account.source) for account in accounts.values() if account}
+        unused = {}     # by identity, the objects held until the end: no identity is reused
         with self._sources_guard:
-            # By identity, the objects held until the end so that no identity is reused.
-            unused = {id(held[1]): held[1] for held in self._sources.values()
-                      if id(held[1]) not in used}
-            for key in [k for k, held in self._sources.items() if id(held[1]) in unused]:
-                del self._sources[key]
+            for key, (_, source) in list(self._sources.items()):
+                if id(source) not in used:
+                    unused[id(source)] = source
+                    del self._sources[key]
         if unused:
             self.tokens.forget(lambda key: len(key) > 1 and id(key[1]) in unused)
 
@@ -6833,11 +6833,7 @@ class MetadataServer:
         return document
 
     def _stamp(self):
-        try:
-            st = os.stat(self.config_path)
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
+        return _file_stamp(self.config_path)
 
     def _watch_config(self):
         # Polling the mtime needs no third-party watcher and notices an edit within a second.
