@@ -10,6 +10,7 @@ stop a broken server from hanging the suite.
 import base64
 import gc
 import http.client
+import io
 import json
 import os
 import re
@@ -361,7 +362,7 @@ def test_a_head_answer_has_no_body_so_the_next_answer_follows_its_headers(
     b"GET / HTTP/1.+1",                          # before Python 3.11 read as HTTP/1.1
     b"GET / HTTP/1.1_0",
 ])
-def test_requests_the_stdlib_refuses_leave_no_traceback(cli_server, request_line):
+def test_malformed_request_lines_are_refused_without_a_traceback(cli_server, request_line):
     server = cli_server("--log-level", "debug")
     answer = raw_exchange(server.port, request_line + b"\r\nHost: x\r\n\r\n")
     assert re.match(rb"HTTP/1.1 (414|505|400) ", answer), answer[:200]
@@ -370,6 +371,85 @@ def test_requests_the_stdlib_refuses_leave_no_traceback(cli_server, request_line
     time.sleep(0.2)
     log = server.stderr()
     assert "Traceback" not in log and "error serving" not in log, log
+
+
+# Header blocks as clients and odd clients send them: mds reads simple lines itself and
+# leaves the rest to the stdlib's email parser, so every one must read as the stdlib reads it.
+HEADER_BLOCKS = [
+    b"Host: x\r\nMetadata-Flavor: Google\r\n",
+    b"host: x\r\nmetadata-flavor: Google\r\nMETADATA-FLAVOR: Other\r\n",   # first one wins
+    b"Metadata-Flavor:Google\r\nX-Empty:\r\nX-Blank: \t \r\n",
+    b"Metadata-Flavor: \tGoogle \t\r\n",                 # trailing blanks stay in the value
+    b"Metadata-Flavor: Google\nHost: x\n",               # bare LF line ends
+    b"Metadata-Flavor: Goo\r\n gle\r\nHost: x\r\n",      # a folded line
+    b"Metadata-Flavor: Google\rX-Forwarded-For: 1.2.3.4\r\n",  # a bare CR
+    b"Bad Name: x\r\nMetadata-Flavor: Google\r\n",       # a space in a name ends the headers
+    b"Metadata-Flavor : Google\r\n",
+    b": x\r\nMetadata-Flavor: Google\r\n",
+    b"X-Latin: caf\xe9\r\nX-N\xe4me: 1\r\nMetadata-Flavor: Google\r\n",
+    b"X-Weird!#$%&'*+.^_`|~: 1\r\nX-Colons: a:b: c\r\n",
+    b"Host: x\r\nContent-Length: 5\r\nContent-Length: 7\r\n",
+    b"From nobody\r\nMetadata-Flavor: Google\r\n",
+]
+
+
+@pytest.mark.parametrize("block", HEADER_BLOCKS)
+def test_request_headers_read_as_the_stdlib_reads_them(block):
+    stdlib = http.client.parse_headers(io.BytesIO(block + b"\r\n"))
+    ours = mds.RequestHeaders.parse(io.BytesIO(block).readlines())
+    assert ours.items() == stdlib.items()
+    names = {name for name, _ in stdlib.items()} | {"Metadata-Flavor", "Host", "Nope"}
+    for name in names:
+        for spelling in (name, name.lower(), name.upper()):
+            assert ours.get(spelling) == stdlib.get(spelling), spelling
+            assert ours.get_all(spelling) == stdlib.get_all(spelling), spelling
+            assert (spelling in ours) == (spelling in stdlib), spelling
+
+
+@pytest.mark.parametrize("extra, status", [
+    (b"".join(b"X-H%d: v\r\n" % n for n in range(97)), b"200"),    # 100 fields in all
+    (b"".join(b"X-H%d: v\r\n" % n for n in range(98)), b"431"),
+    (b"X-Long: " + b"v" * 65536 + b"\r\n", b"431"),
+])
+def test_a_request_carries_up_to_a_hundred_header_fields_of_up_to_64_kib(cli_server, extra, status):
+    server = cli_server("--log-level", "debug")
+    answer = raw_exchange(server.port, b"GET /computeMetadata/v1/project/project-id HTTP/1.1\r\n"
+                          b"Host: x\r\nMetadata-Flavor: Google\r\n" + extra
+                          + b"Connection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
+    assert b"Metadata-Flavor: Google" in answer
+    assert fetch(server.port, "/")[0] == 200
+    assert "Traceback" not in server.stderr()
+
+
+@pytest.mark.parametrize("version, connection, stays_open", [
+    (b"HTTP/1.1", b"", True),
+    (b"HTTP/1.1", b"Connection: close\r\n", False),
+    (b"HTTP/1.1", b"Connection: CLOSE\r\n", False),
+    (b"HTTP/1.0", b"", False),
+    (b"HTTP/1.0", b"Connection: keep-alive\r\n", True),
+    (b"HTTP/1.0", b"Connection: Keep-Alive\r\n", True),
+])
+def test_the_version_and_connection_header_decide_whether_a_connection_stays_open(
+        gce_server, version, connection, stays_open):
+    request = (b"GET /computeMetadata/v1/project/project-id " + version + b"\r\nHost: x\r\n"
+               b"Metadata-Flavor: Google\r\n" + connection + b"\r\n")
+    with socket.create_connection(("127.0.0.1", gce_server.port), timeout=10) as sock:
+        sock.sendall(request + request)
+        answer = b""
+        while True:
+            chunk = sock.recv(65536) if answer.count(b"HTTP/1.1 200") < 2 else b""
+            if not chunk:
+                break
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert answer.count(b"HTTP/1.1 200 ") == (2 if stays_open else 1), answer
+
+
+def test_a_target_starting_with_two_slashes_means_one(gce_server):
+    # What Python 3.11's http.server does (gh-87389), now on every Python mds runs on.
+    assert fetch(gce_server.port, "//computeMetadata/v1/project/project-id") == \
+        fetch(gce_server.port, V1 + "project/project-id")
 
 
 @pytest.mark.parametrize("target", [b"http://169.254.169.254/computeMetadata/v1/project/"
