@@ -13,6 +13,7 @@ import http.client
 import io
 import json
 import os
+import random
 import re
 import select
 import selectors
@@ -404,6 +405,24 @@ def test_request_headers_read_as_the_stdlib_reads_them(block):
             assert ours.get(spelling) == stdlib.get(spelling), spelling
             assert ours.get_all(spelling) == stdlib.get_all(spelling), spelling
             assert (spelling in ours) == (spelling in stdlib), spelling
+
+
+def test_random_header_blocks_read_as_the_stdlib_reads_them():
+    # Blocks built from the pieces parsers trip on: separators, blanks, bytes that
+    # str.splitlines() takes for line ends, non-ASCII, a mailbox "From " line.
+    pieces = [b"Host", b"metadata-flavor", b"X-A", b":", b": ", b" ", b"\t", b"\r", b"\r\n",
+              b"Google", b"\x0b", b"\x0c", b"\x1c", b"\x85", b"\xe9", b"\x00", b"From ",
+              b"a:b", b"(", b'"']
+    rng = random.Random(2)
+    for _ in range(3000):
+        lines = [b"".join(rng.choice(pieces) for _ in range(rng.randint(1, 6)))
+                 + rng.choice([b"\r\n", b"\n"]) for _ in range(rng.randint(1, 4))]
+        lines = [line for line in lines if line.strip(b"\r\n")]
+        stdlib = http.client.parse_headers(io.BytesIO(b"".join(lines) + b"\r\n"))
+        ours = mds.RequestHeaders.parse(lines)
+        assert ours.items() == stdlib.items(), lines
+        for name in {name for name, _ in stdlib.items()}:
+            assert ours.get(name.upper()) == stdlib.get(name.upper()), lines
 
 
 @pytest.mark.parametrize("extra, status", [
