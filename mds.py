@@ -6717,6 +6717,15 @@ class MetadataServer:
     def url(self):
         return "http://" + self.authority
 
+    def wildcard_note(self):
+        """For a wildcard bind, words saying that the server listens beyond this host (its
+        `url` names loopback, which is where clients on this host reach it); else ""."""
+        if self.host in ("", "0.0.0.0"):
+            return ", listening on every IPv4 address of this host (0.0.0.0:%d)" % self.port
+        if self.host == "::":
+            return ", listening on every IPv6 address of this host ([::]:%d)" % self.port
+        return ""
+
     @property
     def env(self):
         """The environment variables that point client libraries at this server."""
@@ -7174,7 +7183,8 @@ def build_parser():
         epilog="With no options it serves a plausible GCE VM on 127.0.0.1:8080 with offline "
                "tokens. Edit the config file while it runs, or send SIGHUP, to reload.")
     parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1; :: or ::1 for IPv6)")
+                        help="address to listen on (default 127.0.0.1; ::1 for IPv6; 0.0.0.0"
+                        " or :: for every address, which opens mds to the network)")
     parser.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080;"
                         " 0 picks a free one)")
     parser.add_argument("--config", metavar="FILE",
@@ -7335,8 +7345,8 @@ def main(argv=None):
         server.start()
     except (ConfigError, CredentialError, OSError) as exc:
         parser.exit(2, "mds: error: %s\n" % exc)
-    log.info("serving the %s metadata server at %s (config: %s)", args.flavor, server.url,
-             server.config_path or "built-in default")
+    log.info("serving the %s metadata server at %s%s (config: %s)", args.flavor, server.url,
+             server.wildcard_note(), server.config_path or "built-in default")
     for line in server.describe_sources():
         log.info("credentials %s", line)
     for line in getattr(server.flavor, "startup_lines", lambda: [])():

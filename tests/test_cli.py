@@ -61,6 +61,7 @@ def test_readme_starts_with_the_run_and_test_commands():
     readme = open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8").read()
     head = "\n".join(readme.splitlines()[:8])
     assert "python3 mds.py" in head and "bash tests/run.sh" in head
+    assert head.index("python3 mds.py") < head.index("bash tests/run.sh"), "run it, then test it"
 
 
 @pytest.mark.parametrize("flavor", ["gce", "ec2"])

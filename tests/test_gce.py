@@ -10,6 +10,7 @@ import collections
 import copy
 import gc
 import http.client
+import ipaddress
 import json
 import re
 import socket
@@ -285,11 +286,39 @@ def test_identity_token_is_not_served_as_json(shared_server):
     assert reply.media_type
 
 
-@pytest.mark.parametrize("path,flavor", [(V1 + "nope", True), (V1 + "instance/name", False)])
-def test_error_pages_are_html_utf8(shared_server, path, flavor):
-    reply = fetch(shared_server, path, flavor=flavor)
-    assert reply.status in (403, 404)
+@pytest.mark.parametrize("method, path, flavor, status", [
+    ("GET", V1 + "nope", True, 404),
+    ("GET", V1 + "instance/name", False, 403),
+    ("GET", V1 + "project/?alt=json", True, 400),
+    ("GET", V1 + "project/project-id?wait_for_change=true&timeout_sec=soon", True, 400),
+    ("POST", V1 + "project/project-id", True, 405),
+])
+def test_error_pages_are_html_utf8(shared_server, method, path, flavor, status):
+    reply = fetch(shared_server, path, method=method, flavor=flavor)
+    assert reply.status == status
     assert reply.header("Content-Type").replace(" ", "").lower() == "text/html;charset=utf-8"
+
+
+def test_the_built_in_vm_has_what_the_issue_lists(gce_server):
+    # `python mds.py` with no configuration: a project, an instance in a zone, one default
+    # service account with scopes, attributes, a network interface and a disk.
+    def read(path):
+        return get(gce_server, V1 + path).body.decode()
+
+    assert read("project/project-id") and read("project/numeric-project-id").isdigit()
+    assert re.fullmatch(r"projects/%s/zones/[a-z]+-[a-z]+[0-9]-[a-z]"
+                        % read("project/numeric-project-id"), read("instance/zone"))
+    assert read("instance/id").isdigit() and read("instance/name")
+    accounts = read("instance/service-accounts/").split()
+    assert len(accounts) == 2 and "default/" in accounts, accounts
+    email_address = [a for a in accounts if a != "default/"][0].rstrip("/")
+    assert read("instance/service-accounts/default/email") == email_address
+    scopes = read("instance/service-accounts/default/scopes").split()
+    assert scopes and all(s.startswith("https://www.googleapis.com/auth/") for s in scopes)
+    assert read("instance/attributes/").split() and read("project/attributes/").split()
+    ipaddress.IPv4Address(read("instance/network-interfaces/0/ip"))
+    ipaddress.IPv4Address(read("instance/network-interfaces/0/access-configs/0/external-ip"))
+    assert read("instance/disks/0/device-name") and read("instance/disks/0/type")
 
 
 # ---- leaf values, lists, listings -----------------------------------------------------------

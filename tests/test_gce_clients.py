@@ -1040,6 +1040,29 @@ def test_python_credentials_for_a_secondary_account(gce_server, client_env):
         report["storage_client"].get("error", "")
 
 
+@pytest.mark.parametrize("gce_server", [custom_vm_document()], ids=["custom-vm"], indirect=True)
+def test_python_google_auth_finds_the_server_through_the_legacy_gce_metadata_root(
+        gce_server, client_env):
+    """GCE_METADATA_ROOT is GCE_METADATA_HOST's original name; gcloud reads only it, and
+    google-auth falls back to it when GCE_METADATA_HOST is unset."""
+    # google-auth's detection ping reads GCE_METADATA_IP whatever the host variable is, so
+    # only GCE_METADATA_HOST goes: every metadata read below has GCE_METADATA_ROOT alone to
+    # go by, and without it would ask metadata.google.internal (refused by the harness).
+    env = client_env(gce_server, GCE_METADATA_HOST=None)
+    # Checked first: a client sent nowhere only fails after its retries run out.
+    assert env.get("GCE_METADATA_ROOT") == gce_server.env["GCE_METADATA_HOST"]
+    report = run_python("py_gce_client.py", env, [AUDIENCE])
+    project_id = served(gce_server, "project/project-id")
+
+    assert value_of(report, "metadata_get_project_id") == project_id
+    assert value_of(report, "adc")["project_id"] == project_id
+    compute = value_of(report, "compute_token")
+    assert compute["service_account_email"] == \
+        served(gce_server, "instance/service-accounts/default/email")
+    assert compute["token"] == served_token(gce_server, compute["scopes"])["access_token"]
+    assert report["blocked"] == [], "client tried to leave loopback"
+
+
 def test_client_env_shields_clients_from_outer_environment(gce_server, client_env, monkeypatch):
     # Each of these, if it leaked into the client, would send ADC or the
     # metadata requests somewhere other than the server under test.

@@ -27,7 +27,7 @@ import urllib.parse
 import pytest
 
 import mds
-from clients import MdsCli
+from clients import MdsCli, in_ci, require_tool
 
 V1 = "/computeMetadata/v1/"
 GOOGLE = {"Metadata-Flavor": "Google"}
@@ -143,6 +143,91 @@ def test_accepted_sockets_have_tcp_nodelay(gce_server):
         connection.close()
 
 
+def data_segments_sent(sock):
+    """Linux's count of TCP segments with data that `sock` has sent (tcpi_data_segs_out)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    assert len(info) >= 160, "this kernel's tcp_info has no tcpi_data_segs_out"
+    return struct.unpack_from("I", info, 156)[0]
+
+
+@pytest.mark.parametrize("path", [V1 + "project/project-id", V1 + "?recursive=true"])
+def test_an_answer_leaves_in_one_segment(gce_server, path):
+    # Headers and body are written into one buffer and sent together: with TCP_NODELAY, a
+    # write each would put the body in a second segment.
+    with socket.create_connection(("127.0.0.1", gce_server.port), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        request = ("GET %s HTTP/1.1\r\nHost: x\r\nMetadata-Flavor: Google\r\n\r\n" % path)
+
+        def exchange():
+            sock.sendall(request.encode())
+            assert reader.readline().startswith(b"HTTP/1.1 200 ")
+            head = b"".join(iter(reader.readline, b"\r\n")).lower()
+            length = int(re.search(rb"content-length: *([0-9]+)", head).group(1))
+            assert 0 < len(reader.read(length)) < 8192
+
+        exchange()
+        accepted = server_side_socket(sock)
+        before = data_segments_sent(accepted)
+        exchange()
+        assert data_segments_sent(accepted) - before == 1
+
+
+def park_a_waiter(server):
+    """Open a wait_for_change on `server` (in this process); return the client socket and
+    the native id of the handler thread, once that thread is blocked in its wait."""
+    import threading
+    before = {thread.native_id for thread in threading.enumerate()}
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(b"GET /computeMetadata/v1/project/project-id?wait_for_change=true "
+                 b"HTTP/1.1\r\nHost: x\r\nMetadata-Flavor: Google\r\n\r\n")
+    deadline = time.monotonic() + 10
+    while True:
+        new = [thread.native_id for thread in threading.enumerate()
+               if thread.native_id not in before]
+        if len(new) == 1 and task_file(new[0], "syscall").split()[0] != "running":
+            return sock, new[0]
+        assert time.monotonic() < deadline, "no handler thread blocked in its wait"
+        time.sleep(0.05)
+
+
+def task_file(thread_id, name):
+    with open("/proc/self/task/%d/%s" % (thread_id, name)) as handle:
+        return handle.read()
+
+
+def test_handler_threads_have_small_stacks(gce_server):
+    # Each waiter holds a thread; at the usual 8 MiB of stack, a thousand of them would
+    # reserve 8 GiB of address space.  The stack's size is read from /proc: the mapping
+    # that holds the stack pointer of the thread blocked in a wait_for_change.
+    sock, thread_id = park_a_waiter(gce_server)
+    with sock:
+        stack_pointer = int(task_file(thread_id, "syscall").split()[-2], 16)
+        with open("/proc/self/maps") as maps:
+            sizes = [int(end, 16) - int(start, 16)
+                     for start, end in (line.split()[0].split("-") for line in maps)
+                     if int(start, 16) <= stack_pointer < int(end, 16)]
+        assert len(sizes) == 1
+        assert sizes[0] <= 4 * 1024 * 1024, "a handler thread's stack is %d KiB" \
+            % (sizes[0] // 1024)
+
+
+def test_a_parked_waiter_sleeps_until_a_change_wakes_it(gce_server):
+    # No polling: over a second with nothing changing, the waiting thread is never
+    # scheduled (its voluntary context switches stay put); a change then answers it.
+    def switches():
+        status = task_file(thread_id, "status")
+        return int(re.search(r"voluntary_ctxt_switches:\s*(\d+)", status).group(1))
+
+    sock, thread_id = park_a_waiter(gce_server)
+    with sock:
+        before = switches()
+        time.sleep(1.0)
+        assert switches() - before == 0
+        gce_server.update("project/project-id", "changed")
+        answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"changed"), answer
+
+
 def test_server_threads_are_daemons(mds_server_factory):
     import threading
     before = set(threading.enumerate())
@@ -185,6 +270,14 @@ def test_start_twice_is_one_server(mds_server_factory):
         port = server.port
         assert len(listeners()) == before + 1
     assert len(listeners()) == before
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_a_server_used_as_a_context_manager_starts_and_stops():
+    with mds.MetadataServer(port=0) as server:
+        assert fetch(server.port, V1 + "project/project-id")[0] == 200
+        port = server.port
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
@@ -250,6 +343,8 @@ def test_clients_that_reset_mid_request_leave_no_traceback(cli_server, log_level
     if log_level is None:
         # At the default level a vanished client is not worth a line at all.
         assert "Exception" not in log and "Error" not in log, log
+    else:
+        assert re.search(r" DEBUG .*(went away|hung up)", log), log
 
 
 def test_no_stderr_line_per_request_at_the_default_log_level(cli_server):
@@ -838,17 +933,77 @@ def test_startup_log_names_the_config_file(cli_server, tmp_path):
     assert fetch(server.port, V1 + "project/project-id")[1] == b"from-file"
 
 
-def test_host_flag_picks_the_bind_address(cli_server):
-    if not socket.has_ipv6:
-        pytest.skip("no IPv6 on this machine")
+@pytest.mark.parametrize("host, other", [("127.0.0.2", "127.0.0.1"), ("::1", "127.0.0.1")])
+def test_host_flag_picks_the_bind_address(cli_server, host, other):
+    # 127.0.0.2 is a loopback address on Linux without any setup.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        probe = socket.socket(socket.AF_INET6)
-        probe.bind(("::1", 0))
-        probe.close()
-    except OSError:
-        pytest.skip("::1 is not configured")
-    server = cli_server("--host", "::1")
-    with socket.create_connection(("::1", server.port), timeout=5) as sock:
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: [::1]\r\n\r\n")
+        with socket.socket(family) as probe:
+            probe.bind((host, 0))
+    except OSError as exc:
+        message = "%s is not configured on this machine: %s" % (host, exc)
+        if in_ci():
+            pytest.fail(message)
+        pytest.skip(message)
+    server = cli_server("--host", host)
+    with socket.create_connection((host, server.port), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert sock.recv(64).startswith(b"HTTP/1.1 200")
-    assert "[::1]:%d" % server.port in server.stderr()
+    with pytest.raises(OSError):                         # not listening on every address
+        socket.create_connection((other, server.port), timeout=5).close()
+    authority = ("[%s]:%d" if ":" in host else "%s:%d") % (host, server.port)
+    log = server.stderr()
+    assert "at http://%s " % authority in log and "listening on every" not in log, log
+
+
+def test_a_wildcard_bind_is_named_in_the_startup_log(cli_server):
+    server = cli_server("--host", "0.0.0.0")
+    assert fetch(server.port, "/", headers={})[0] == 200      # the exported 127.0.0.1 works
+    line = [line for line in server.stderr().splitlines() if "serving the" in line][0]
+    assert "http://127.0.0.1:%d" % server.port in line
+    assert "every IPv4 address" in line and "0.0.0.0:%d" % server.port in line, line
+
+
+# Run in a network namespace of its own, where port 8080 is surely free: its loopback
+# interface starts down, and is brought up with the ioctl `ip link set lo up` makes.
+NO_ARGUMENTS_RUN = r"""
+import fcntl, socket, struct, subprocess, sys, time
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as ctl:
+    request = struct.pack("16sH14s", b"lo", 0, b"")
+    flags = struct.unpack_from("H", fcntl.ioctl(ctl, 0x8913, request), 16)[0]   # SIOCGIFFLAGS
+    fcntl.ioctl(ctl, 0x8914, struct.pack("16sH14s", b"lo", flags | 1, b""))     # IFF_UP
+server = subprocess.Popen([sys.executable, sys.argv[1]], stderr=subprocess.DEVNULL)
+try:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            sock = socket.create_connection(("127.0.0.1", 8080), timeout=5)
+            break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise
+            time.sleep(0.05)
+    sock.sendall(b"GET /computeMetadata/v1/project/project-id HTTP/1.1\r\nHost: x\r\n"
+                 b"Metadata-Flavor: Google\r\nConnection: close\r\n\r\n")
+    print(sock.makefile("rb").readline().decode().strip())
+    try:
+        socket.create_connection(("127.0.0.2", 8080), timeout=5).close()
+        print("also on 127.0.0.2")
+    except OSError:
+        print("only on 127.0.0.1")
+finally:
+    server.terminate()
+    server.wait()
+"""
+
+
+def test_with_no_arguments_it_serves_on_127_0_0_1_port_8080():
+    unshare = require_tool("unshare")
+    run = subprocess.run([unshare, "--net", sys.executable, "-c", NO_ARGUMENTS_RUN, MDS_PY],
+                         capture_output=True, text=True, timeout=90)
+    if run.returncode and "unshare failed" in run.stderr and not in_ci():
+        pytest.skip("cannot make a network namespace here: " + run.stderr.strip())
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["HTTP/1.1 200 OK", "only on 127.0.0.1"], run.stdout
+
+

@@ -3,8 +3,10 @@
 same test command the README documents."""
 
 import ast
+import configparser
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,6 +21,9 @@ from clients import REPO_ROOT, in_ci
 MDS_PY = os.path.join(REPO_ROOT, "mds.py")
 CI_RUN = os.path.join(REPO_ROOT, ".ci", "run")
 README = os.path.join(REPO_ROOT, "README.md")
+BENCH = os.path.join(REPO_ROOT, "bench", "bench.py")
+LICENSE = os.path.join(REPO_ROOT, "LICENSE")
+SETUP_CFG = os.path.join(REPO_ROOT, "setup.cfg")
 TEST_COMMAND = "bash tests/run.sh"
 
 
@@ -190,3 +195,79 @@ def test_the_package_builds_with_the_mds_command_and_both_extras(tmp_path):
     assert re.search(r"^mds\s*=\s*mds:main$", entry_points, re.M)
     assert re.search(r'^Requires-Dist: google-auth.*extra == "google"', metadata, re.M)
     assert re.search(r'^Requires-Dist: tpm2-pytss==3\.0\.0.*extra == "tpm"', metadata, re.M)
+
+
+NUMBER = r"\d+(?:\.\d+)?"
+
+
+def _printed(output, pattern):
+    """Fails unless a line of the bench's output matches `pattern` (NUMBER: a figure)."""
+    match = re.search(pattern.replace("NUMBER", NUMBER), output, re.M)
+    assert match, "the bench printed no line like %r:\n%s" % (pattern, output)
+
+
+def test_the_bench_runs_every_section_and_prints_each_figure_as_a_number(tmp_path):
+    """bench/bench.py on tiny settings.  Only what it prints is checked, never the figures:
+    they measure the machine as much as mds."""
+    # The startup section runs `python3 -m mds` in mds.py's directory with bytecode writing
+    # switched back on; pointed at a copy, the __pycache__ it leaves is in tmp_path, not the
+    # checkout.  TMPDIR keeps the waiters section's config file in tmp_path too.
+    mds_copy = str(tmp_path / "mds.py")
+    shutil.copy(MDS_PY, mds_copy)
+    waiters = 20
+    completed = subprocess.run(
+        [sys.executable, BENCH, "--mds", mds_copy, "--duration", "0.2", "--rounds", "1",
+         "--max-requests", "500", "--startup-runs", "1", "--waiters", str(waiters),
+         "--waiter-deadline", "10"],
+        cwd=str(tmp_path), env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1", TMPDIR=str(tmp_path)),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, timeout=300)
+    output = completed.stdout
+    assert completed.returncode == 0, output
+
+    # Throughput: req/s and latency of each load, then the two ratios, each of medians.
+    for load in ("baseline (bare stdlib)", "mds leaf GET", "mds cached token GET"):
+        _printed(output, r"^  %s +NUMBER req/s  p50 +NUMBER ms  p99 +NUMBER ms"
+                 % re.escape(load))
+    _printed(output, r"^  leaf  / baseline  req/s ratio NUMBER ")
+    _printed(output, r"^  token / leaf      req/s ratio NUMBER ")
+
+    # Startup: spawn to first answer, for the script and the module form of mds.
+    _printed(output, r"^== startup: spawn to first answer of GET /")
+    _printed(output, r"^  python3 mds\.py +NUMBER ms ")
+    _printed(output, r"^  python3 -m mds +NUMBER ms ")
+
+    # Waiters: how many of those asked for got the new value, how long the release took,
+    # and the server's memory with and without them parked.
+    _printed(output, r"^== %d concurrent wait_for_change waiters" % waiters)
+    _printed(output, r"^  answered with the new value: \d+/%d " % waiters)
+    _printed(output, r"^  change -> first answer NUMBER ms .*-> last answer NUMBER ms")
+    _printed(output, r"^  server RSS: idle NUMBER MB, %d waiters parked NUMBER MB, "
+             r"after release NUMBER MB" % waiters)
+
+
+def test_the_license_is_apache_2_0_and_the_package_metadata_says_so():
+    with open(LICENSE, encoding="utf-8") as handle:
+        text = handle.read()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    assert lines[:4] == ["Apache License", "Version 2.0, January 2004",
+                         "http://www.apache.org/licenses/",
+                         "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION"]
+    # The nine sections of the terms, in order, then their end: a truncated or different
+    # license (or another Apache version) does not have all of them.
+    sections = ["Definitions.", "Grant of Copyright License.", "Grant of Patent License.",
+                "Redistribution.", "Submission of Contributions.", "Trademarks.",
+                "Disclaimer of Warranty.", "Limitation of Liability.",
+                "Accepting Warranty or Additional Liability."]
+    headings = [(index, re.match(r"\d+\. [^.]*\.", line)) for index, line in enumerate(lines)]
+    headings = [(index, heading.group(0)) for index, heading in headings if heading]
+    assert [heading for _, heading in headings] == \
+        ["%d. %s" % (number, title) for number, title in enumerate(sections, 1)]
+    assert "END OF TERMS AND CONDITIONS" in lines[headings[-1][0]:]
+
+    config = configparser.ConfigParser()
+    assert config.read(SETUP_CFG) == [SETUP_CFG]
+    metadata = config["metadata"]
+    assert metadata["license"] == "Apache-2.0"
+    assert metadata["license_files"].split() == ["LICENSE"]
+    assert "License :: OSI Approved :: Apache Software License" in \
+        metadata["classifiers"].splitlines()
