@@ -676,16 +676,20 @@ def _wait_for(condition, timeout=5.0):
         time.sleep(0.01)
 
 
-def profile_shares(stats):
-    """Split a profile's own time into mds.py, http.server, email parsing, sockets, the rest."""
+def profile_shares(stats, mds_path):
+    """Split a profile's own time into mds.py, http.server, request parsing (mds.py's own
+    and the stdlib's email parser, which mds falls back to), sockets, the rest."""
     groups = {}
+    mds_path = os.path.abspath(mds_path)
     for (filename, _, name), (_, _, own, _, _) in stats.stats.items():
-        if filename.endswith("mds.py") or filename.endswith("_draft.py"):
+        if os.path.abspath(filename) == mds_path and name in ("parse_request", "parse"):
+            group = "request parsing (mds.py, email, http.client)"
+        elif os.path.abspath(filename) == mds_path:
             group = "mds.py"
         elif "http/server.py" in filename or "socketserver.py" in filename:
             group = "http.server"
         elif "/email/" in filename or "http/client.py" in filename:
-            group = "header parsing (email, http.client)"
+            group = "request parsing (mds.py, email, http.client)"
         elif "socket" in name or "socket.py" in filename:
             group = "socket I/O"
         else:
@@ -742,7 +746,7 @@ def profile_leaf(args):
             stats.sort_stats("tottime").print_stats(args.profile_top)
             print("  %d requests (%d non-200), profiled server time by where it was spent: %s"
                   "\n  (recv_into includes waiting for the client's next request)\n"
-                  % (outcome["requests"], outcome["errors"], profile_shares(stats)))
+                  % (outcome["requests"], outcome["errors"], profile_shares(stats, args.mds)))
 
 
 def main(argv=None):
