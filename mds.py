@@ -457,8 +457,10 @@ class RequestHeaders:
 
     # One field per line, its name an RFC 9110 token.  Anything else (a folded line, a bare
     # CR, odd bytes in a name) goes through the stdlib's email parser, quirks and all, so an
-    # odd request means what it means to http.server.
-    _SIMPLE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\r\n]*)\r?\n")
+    # odd request means what it means to http.server.  The value is cut out with string
+    # methods: a regular expression for it would backtrack, quadratic in a line's length
+    # (seconds, holding the GIL, for a line of 64 KiB).
+    _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
     def __init__(self, fields):
         self._fields = fields           # [(name, value)] in arrival order
@@ -471,11 +473,13 @@ class RequestHeaders:
         """From the raw header lines (bytes, each with its line end)."""
         fields = []
         for line in lines:
-            simple = cls._SIMPLE.fullmatch(line.decode("iso-8859-1"))
-            if simple is None:
+            name, colon, value = line.decode("iso-8859-1").partition(":")
+            value = value[:-2] if value.endswith("\r\n") else value[:-1]
+            if not colon or not line.endswith(b"\n") or "\r" in value \
+                    or not cls._TOKEN.fullmatch(name):
                 message = email.parser.Parser().parsestr(b"".join(lines).decode("iso-8859-1"))
                 return cls(list(message.items()))
-            fields.append(simple.groups())
+            fields.append((name, value.lstrip(" \t")))
         return cls(fields)
 
     def get(self, name, default=None):
@@ -528,13 +532,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._reader.deadline = time.monotonic() + self.timeout
         super().handle_one_request()
 
-    # http.server's own limits (http.client's), answered with 431 as it does.
+    # http.server's own limits (http.client's), answered with 431 as it does.  It counts the
+    # blank line that ends the headers as one of the hundred.
     MAX_HEADER_LINE = 65536
     MAX_HEADERS = 100
 
     def parse_request(self):
         # The stdlib's parse_request, but with `RequestHeaders`, and with one reading of the
-        # request line on every Python (3.11 refuses "HTTP/1.+1"; older ones read it as 1.1).
+        # request line on every Python (recent releases refuse "HTTP/1.+1" or "HTTP/1_1.1";
+        # older ones, 3.11.2 among them, read them as versions).
         self.command = None             # no request to name in an error answer yet
         self.request_version = self.default_request_version
         self.close_connection = True
@@ -556,12 +562,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if not 2 <= len(words) <= 3:
             self.send_error(400, "Bad request syntax (%r)" % self.requestline)
             return False
-        self.command, self.path = words[:2]
         if len(words) == 2:             # HTTP/0.9: a GET and nothing else
             self.close_connection = True
-            if self.command != "GET":
-                self.send_error(400, "Bad HTTP/0.9 request type (%r)" % self.command)
+            if words[0] != "GET":
+                self.send_error(400, "Bad HTTP/0.9 request type (%r)" % words[0])
                 return False
+        self.command, self.path = words[:2]
         if self.path.startswith("//"):
             # What Python 3.11 and later do, on every Python: "//host/path" in a Location
             # built from the path would send a client to another host.
@@ -574,10 +580,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return False
             if line in (b"\r\n", b"\n", b""):
                 break
-            if len(lines) == self.MAX_HEADERS:
+            lines.append(line)
+            if len(lines) >= self.MAX_HEADERS:      # with the blank line, one too many
                 self.send_error(431, "Too many headers")
                 return False
-            lines.append(line)
         self.headers = RequestHeaders.parse(lines)
         connection = (self.headers.get("Connection") or "").lower()
         if connection == "close":
@@ -6704,13 +6710,23 @@ class MetadataServer:
     def port(self):
         return self._httpd.server_address[1] if self._httpd else self.requested_port
 
+    def _wildcard_family(self):
+        """None when the server listens on one address; for a wildcard bind (0.0.0.0, ::, or
+        another spelling of them such as 0 or ::0), the family: 4 or 6."""
+        host = self._httpd.server_address[0] if self._httpd else self.host
+        if host in ("", "0"):           # before start, spellings that bind 0.0.0.0
+            return 4
+        try:
+            address = ipaddress.ip_address(host.split("%")[0].strip("[]"))
+        except ValueError:              # a host name: one address
+            return None
+        address = getattr(address, "ipv4_mapped", None) or address
+        return address.version if address.is_unspecified else None
+
     @property
     def authority(self):
-        host = self.host
-        if host in ("0.0.0.0", ""):
-            host = "127.0.0.1"
-        elif host == "::":
-            host = "::1"
+        """host:port where clients on this host reach the server (loopback for a wildcard)."""
+        host = {4: "127.0.0.1", 6: "::1"}.get(self._wildcard_family(), self.host)
         return ("[%s]:%d" if ":" in host else "%s:%d") % (host, self.port)
 
     @property
@@ -6720,11 +6736,20 @@ class MetadataServer:
     def wildcard_note(self):
         """For a wildcard bind, words saying that the server listens beyond this host (its
         `url` names loopback, which is where clients on this host reach it); else ""."""
-        if self.host in ("", "0.0.0.0"):
-            return ", listening on every IPv4 address of this host (0.0.0.0:%d)" % self.port
-        if self.host == "::":
-            return ", listening on every IPv6 address of this host ([::]:%d)" % self.port
-        return ""
+        family = self._wildcard_family()
+        if family is None or self._httpd is None:
+            return ""
+        bound = self._httpd.server_address[0]
+        everywhere = "every IPv4 address"
+        if self._httpd.address_family == socket.AF_INET6:
+            bound = "[%s]" % bound
+            # Linux answers IPv4 on a v6 wildcard too, unless the system sets V6ONLY.
+            if family == 6 and not self._httpd.socket.getsockopt(socket.IPPROTO_IPV6,
+                                                                 socket.IPV6_V6ONLY):
+                everywhere = "every IPv6 and IPv4 address"
+            elif family == 6:
+                everywhere = "every IPv6 address"
+        return ", listening on %s of this host (%s:%d)" % (everywhere, bound, self.port)
 
     @property
     def env(self):
@@ -7035,7 +7060,7 @@ class MetadataServer:
         if host == mine:
             return True
         addresses = _resolve(host, port)
-        if mine in ("", "0.0.0.0", "::"):
+        if self._wildcard_family() is not None:
             return any(_is_local_address(address) for address in addresses)
         return bool(addresses & _resolve(mine, port))
 
