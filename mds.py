@@ -569,8 +569,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return False
         self.command, self.path = words[:2]
         if self.path.startswith("//"):
-            # What Python 3.11 and later do, on every Python: "//host/path" in a Location
-            # built from the path would send a client to another host.
+            # What recent Python releases do (gh-87389), on every Python: "//host/path" in a
+            # Location built from the path would send a client to another host.
             self.path = "/" + self.path.lstrip("/")
         lines = []
         while True:
