@@ -3267,7 +3267,10 @@ _TRANSIENT_STATUSES = (408, 429, 500, 502, 503, 504)
 # (assertions, id tokens), OAuth access tokens (ya29./1//), PEM blocks, and long opaque blobs.
 _SECRET_PATTERNS = (
     re.compile(r"-----BEGIN [A-Z ]+-----.*?(-----END [A-Z ]+-----|$)", re.S),
-    re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.?[A-Za-z0-9_-]*"),
+    # Only from the start of a run: tried at each "eyJ" inside one, it was quadratic in the
+    # run's length (an upstream's "eyJeyJ..." held the GIL for seconds).  A JWT glued to the
+    # text before it still has segments the catch-all below masks.
+    re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.?[A-Za-z0-9_-]*"),
     re.compile(r"\b(ya29|1//|GOCSPX-)[A-Za-z0-9._~+/=-]+"),
     # Percent-escapes count as part of a run: an encoded token must not hide in pieces.
     re.compile(r"(?:[A-Za-z0-9_~+/=-]|%[0-9A-Fa-f]{2}){40,}"),
@@ -3349,7 +3352,7 @@ def _describe_upstream_error(status, body, secrets=()):
     Google API ({"error": {"code","status","message"}}) error body."""
     try:
         document = json.loads(body.decode("utf-8", "replace") if isinstance(body, bytes) else body)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):     # nested past the parser's depth
         document = None
     if isinstance(document, dict):
         error = document.get("error")
@@ -3457,6 +3460,11 @@ class _ExchangeDeadline:
             self._sockets = []
 
 
+# Token, STS and IAM answers are a few KiB; a body past this is read no further (it would
+# be held in memory, and scanned for secrets before it is quoted).
+MAX_UPSTREAM_ANSWER = 1 << 20
+
+
 def _fetch_upstream(method, url, data, headers, ends, context=None):
     """(status, headers, body) of one upstream exchange through urllib (so the proxy
     variables hold), all of it by time.monotonic() `ends`.  An HTTP status other than 2xx is
@@ -3503,7 +3511,8 @@ def _fetch_upstream(method, url, data, headers, ends, context=None):
                 return error.code, error.headers, b""
             response = error
         with response:
-            answer = (response.getcode(), response.headers, response.read())
+            answer = (response.getcode(), response.headers,
+                      response.read(MAX_UPSTREAM_ANSWER + 1))
     except (OSError, http.client.HTTPException) as exc:
         # The socket's own timeout and the timer end at the same moment; either way a reached
         # upstream ran out of time, and an unreached one stays a network error.
@@ -3515,6 +3524,9 @@ def _fetch_upstream(method, url, data, headers, ends, context=None):
     if answer is None or deadline.fired:   # even a body that seemed whole, if cut off
         raise _UpstreamFailure("timed out: no complete answer within the time for one "
                                "attempt", True, 502)
+    if len(answer[2]) > MAX_UPSTREAM_ANSWER:
+        raise _UpstreamFailure("answered more than %d KiB, which no token endpoint does"
+                               % (MAX_UPSTREAM_ANSWER // 1024), False, 502)
     return answer
 
 
@@ -3590,7 +3602,7 @@ def google_post(url, what, form=None, json_body=None, bearer=None, timeout=10.0,
     endpoint = _url_host(url)
     try:
         answer = json.loads(body.decode("utf-8"))
-    except ValueError:
+    except (ValueError, RecursionError):
         raise CredentialError("%s: %s answered something that is not JSON"
                               % (what, endpoint), status=502) from None
     if not isinstance(answer, dict):
@@ -4190,7 +4202,7 @@ class FederatedSource:
                     content = handle.read(65536).strip()
                 field = (source.get("format") or {}).get("subject_token_field_name")
                 found.append(json.loads(content).get(field) if field else content)
-            except (OSError, ValueError, AttributeError, TypeError):
+            except (OSError, ValueError, AttributeError, TypeError, RecursionError):
                 pass
         return tuple(s for s in found if isinstance(s, str)) + \
             _credential_secrets(self._credentials)
@@ -6189,7 +6201,7 @@ def jwt_decode_unverified(token):
     try:
         header = json.loads(b64url_decode(parts[0]))
         claims = json.loads(b64url_decode(parts[1]))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise ValueError("not a JWT: header or payload is not base64url JSON")
     if not isinstance(header, dict) or not isinstance(claims, dict):
         raise ValueError("not a JWT: header and payload must be JSON objects")
@@ -6962,7 +6974,7 @@ class MetadataServer:
         except OSError as exc:
             raise ConfigError("cannot read %s: %s" % (_file_name(self.config_path),
                                                      exc.strerror or exc))
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:    # RecursionError: nested too deep
             raise ConfigError("%s is not valid JSON: %s" % (self.config_path, exc))
         if not isinstance(document, dict):
             raise ConfigError("%s must hold a JSON object" % self.config_path)

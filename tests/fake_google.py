@@ -199,7 +199,9 @@ class FakeGoogle:
         arrives a byte at a time, for 30 s), "trickle-headers" (the same, for its headers) or "echo-secrets" (a 401 whose
         description quotes the credentials the request carried: its bearer token, client
         secret, refresh token, assertion or subject token, plainly, percent-encoded and
-        inside a URL, as a careless upstream might)."""
+        inside a URL, as a careless upstream might), "token-shaped-flood" (a 400 whose
+        description is 900 KB of "eyJ"), "oversized" (a 2 MiB token answer) or
+        "deeply-nested" (a 400 whose body is JSON nested 100,000 deep)."""
         with self._lock:
             self._failures.append([endpoint, count, mode])
 
@@ -509,6 +511,22 @@ class _FakeGoogleHandler(http.server.BaseHTTPRequestHandler):
                 "got %s (%s), see https://fake.example/e/%s?v=%s" % (
                     value, urllib.parse.quote(value, safe=""), value,
                     urllib.parse.quote(value, safe="")) for value in quoted)})
+            return True
+        if mode == "token-shaped-flood":
+            # 900 KB of "eyJ" with no dot: text a secret-masking pattern tries at every
+            # "eyJ" costs time quadratic in its length.
+            self._answer(400, {"error": "invalid_grant", "error_description": "eyJ" * 300000})
+            return True
+        if mode == "oversized":
+            self._answer(200, {"access_token": "ya29.big", "expires_in": 3599,
+                               "token_type": "Bearer", "padding": "x" * (2 << 20)})
+            return True
+        if mode == "deeply-nested":
+            self.close_connection = True
+            body = b"[" * 100000
+            self.wfile.write(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+                             + body)
             return True
         if mode == "invalid_grant":
             self._answer(400, {"error": "invalid_grant",

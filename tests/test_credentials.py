@@ -846,6 +846,25 @@ def test_a_federation_upstream_that_echoes_the_subject_token_is_masked(fake, tmp
     assert_none_quoted(["opaque-Sub.tok/1234"], [str(caught.value)])
 
 
+@pytest.mark.parametrize("mode, status, words", [
+    # Masking secrets in it once took minutes, holding the GIL: every client waited.
+    ("token-shaped-flood", 403, ["HTTP 400: invalid_grant", "[redacted]"]),
+    ("oversized", 502, ["more than 1024 KiB"]),
+    # Past the JSON parser's depth: a RecursionError, which was a 500.
+    ("deeply-nested", 403, ["HTTP 400"]),
+])
+def test_a_hostile_upstream_answer_is_refused_and_the_server_keeps_serving(
+        fake, tmp_path, mds_server_factory, mode, status, words):
+    server, _, _, _ = key_file_server(fake, tmp_path, mds_server_factory)
+    fake.fail_next(1, mode, endpoint="token:jwt-bearer")
+    token_status, body = metadata_get(server, "instance/service-accounts/default/token")
+    assert token_status == status, body
+    for word in words:
+        assert word in body, (word, body)
+    assert len(body) < 2000, body
+    assert metadata_get(server, "project/project-id")[0] == 200
+
+
 def test_key_material_given_as_a_file_name_is_not_quoted(fake, tmp_path):
     key_path, _ = fake.write_key_file(tmp_path)
     with open(key_path) as handle:

@@ -395,6 +395,8 @@ def assert_reload_failure_logged(caplog, *words):
     # thread (and the process) instead of failing.
     ('{"computeMetadata": {"v1": {"instance": {"attributes": {"deep": %s"x"%s}}}}}'
      % ('{"k": ' * 120, "}" * 120), ["deeper than 100 levels"]),
+    # Deeper than the JSON parser itself goes: its RecursionError, not a traceback.
+    ("[" * 100000, ["JSON", "recursion"]),
 ])
 def test_a_bad_reload_keeps_the_last_good_tree_and_logs_why(file_server, config_file, caplog,
                                                             content, reason_words):
