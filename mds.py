@@ -3838,7 +3838,7 @@ class GoogleAuthTransport:
             if not 200 <= status < 300:
                 self.last_error_status, self.last_error_body = status, data
             return _GoogleAuthResponse(status, _lower_headers(answer_headers), data)
-        except _UpstreamFailure as late:         # the answer did not arrive in time
+        except _UpstreamFailure as late:         # no whole answer in time, or an oversized one
             self.last_error_status = None
             raise google.auth.exceptions.TransportError("%s: %s" % (
                 _url_host(url), late.cause)) from None
@@ -6751,16 +6751,13 @@ class MetadataServer:
         family = self._wildcard_family()
         if family is None or self._httpd is None:
             return ""
-        bound = self._httpd.server_address[0]
         everywhere = "every IPv4 address"
-        if self._httpd.address_family == socket.AF_INET6:
-            bound = "[%s]" % bound
+        if family == 6:
             # Linux answers IPv4 on a v6 wildcard too, unless the system sets V6ONLY.
-            if family == 6 and not self._httpd.socket.getsockopt(socket.IPPROTO_IPV6,
-                                                                 socket.IPV6_V6ONLY):
-                everywhere = "every IPv6 and IPv4 address"
-            elif family == 6:
-                everywhere = "every IPv6 address"
+            v6_only = self._httpd.socket.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+            everywhere = "every IPv6 address" if v6_only else "every IPv6 and IPv4 address"
+        bound = self._httpd.server_address[0]
+        bound = "[%s]" % bound if ":" in bound else bound
         return ", listening on %s of this host (%s:%d)" % (everywhere, bound, self.port)
 
     @property
